@@ -1,0 +1,54 @@
+"""hf_vmoe: sparse Vision Mixture-of-Experts (Mobile V-MoE, V-MoE, ViMoE) for the Hugging Face stack.
+
+Importing the package registers the model with transformers' Auto classes (AutoConfig, AutoModel,
+AutoModelForImageClassification, AutoModelForSemanticSegmentation, AutoBackbone, AutoImageProcessor) and marks the
+classes for `register_for_auto_class`, so a saved folder also loads with `trust_remote_code=True` where hf_vmoe
+is not installed.
+"""
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+)
+
+from .configuration_vmoe import VMoEConfig, every_nth_layer, last_layers
+from .image_processing_vmoe import VMoEImageProcessor
+from .modeling_vmoe import (
+    VMoEBackbone,
+    VMoEForImageClassification,
+    VMoEForSemanticSegmentation,
+    VMoEModel,
+    VMoEPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(VMoEConfig.model_type, VMoEConfig, exist_ok=True)
+AutoModel.register(VMoEConfig, VMoEModel, exist_ok=True)
+AutoModelForImageClassification.register(VMoEConfig, VMoEForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(VMoEConfig, VMoEForSemanticSegmentation, exist_ok=True)
+AutoBackbone.register(VMoEConfig, VMoEBackbone, exist_ok=True)
+AutoImageProcessor.register(VMoEConfig, slow_image_processor_class=VMoEImageProcessor, exist_ok=True)
+
+VMoEConfig.register_for_auto_class()
+VMoEModel.register_for_auto_class("AutoModel")
+VMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+VMoEForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+VMoEBackbone.register_for_auto_class("AutoBackbone")
+VMoEImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "VMoEConfig",
+    "VMoEModel",
+    "VMoEPreTrainedModel",
+    "VMoEForImageClassification",
+    "VMoEForSemanticSegmentation",
+    "VMoEBackbone",
+    "VMoEImageProcessor",
+    "last_layers",
+    "every_nth_layer",
+]

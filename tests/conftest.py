@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny configs that run in milliseconds, and the real-data folder (skips when absent)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hf_vmoe  # noqa: E402,F401  (registers the Auto classes)
+from hf_vmoe import VMoEConfig  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("HF_VMOE_REAL_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def tiny_config(**overrides) -> VMoEConfig:
+    """A 4-block, width-32 VMoE on 32x32 images (16 patches of 8x8), 4 experts, 5 labels."""
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_experts=4,
+        num_experts_per_tok=1,
+        num_labels=5,
+    )
+    kwargs.update(overrides)
+    return VMoEConfig(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data folder {REAL_DATA} not present (set HF_VMOE_REAL_DATA)")
+    return REAL_DATA
