@@ -1,0 +1,253 @@
+"""Sparse upcycling: a dense ViT / DINOv2 (random weights) and its upcycled VMoE compute the same function."""
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from hf_vmoe import (
+    VMoEBackbone,
+    VMoEConfig,
+    VMoEForImageClassification,
+    VMoEForSemanticSegmentation,
+    VMoEModel,
+)
+from hf_vmoe.upcycling import upcycle, vmoe_config_from_dense
+
+DENSE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5)
+ATOL = 1e-5
+
+
+def _randomize(model):
+    """Random non-trivial weights everywhere (norms, biases, layer scale too) so a wrong mapping shows."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+    return model.eval()
+
+
+def vit_classifier():
+    return _randomize(ViTForImageClassification(ViTConfig(intermediate_size=64, **DENSE)))
+
+
+def dinov2_classifier(**kw):
+    return _randomize(Dinov2ForImageClassification(Dinov2Config(mlp_ratio=2, layerscale_value=0.5, **DENSE, **kw)))
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+@pytest.mark.parametrize("routing_level", ["image", "token"])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("num_shared_experts", [0, 1])
+def test_upcycled_classifier_equals_dense(family, routing_level, k, num_shared_experts, pixels):
+    dense = vit_classifier() if family == "vit" else dinov2_classifier()
+    model = upcycle(
+        dense,
+        routing_level=routing_level,
+        num_experts=4,
+        num_experts_per_tok=k,
+        num_shared_experts=num_shared_experts,
+        moe_layers=(1, 2),
+        seed=0,
+    )
+    assert isinstance(model, VMoEForImageClassification)
+    assert model.config.normalize_router_weights
+    assert model.config.pooling == ("cls_mean" if family == "dinov2" else "cls")
+    with torch.no_grad():
+        expected = dense(pixels).logits
+        out = model(pixels, output_router_logits=True)
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
+    items = 3 if routing_level == "image" else 3 * 17
+    assert out.expert_counts.shape[1] == 4 and (out.expert_counts.sum(1) == items * k).all()
+    if routing_level == "token":  # the routers are live (random init): tokens spread over several experts
+        assert (out.expert_counts.sum(0) > 0).sum() > 1
+    # changing one expert changes the output: the experts are really used
+    with torch.no_grad():
+        model.vmoe.encoder.layer[2].mlp.experts.down_proj.mul_(3.0)
+        assert not torch.allclose(model(pixels).logits, expected, atol=1e-3)
+
+
+def test_mlp_mapping_is_per_block(pixels):
+    """Hidden states after every block match: dense blocks stay dense, MoE blocks reproduce their own MLP."""
+    dense = dinov2_classifier()
+    model = upcycle(dense, routing_level="token", num_experts=3, num_experts_per_tok=2, moe_layers=(0, 2), seed=0)
+    assert [layer.is_moe for layer in model.vmoe.encoder.layer] == [True, False, True]
+    torch.testing.assert_close(
+        model.vmoe.encoder.layer[1].mlp.fc1.weight, dense.dinov2.encoder.layer[1].mlp.fc1.weight
+    )
+    torch.testing.assert_close(
+        model.vmoe.encoder.layer[0].layer_scale2.lambda1, dense.dinov2.encoder.layer[0].layer_scale2.lambda1
+    )
+    with torch.no_grad():
+        ref = dense(pixels, output_hidden_states=True).hidden_states
+        got = model(pixels, output_hidden_states=True).hidden_states
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_shared_experts", [0, 2])
+def test_base_models(num_shared_experts, pixels):
+    for dense in (
+        _randomize(ViTModel(ViTConfig(intermediate_size=64, **DENSE), add_pooling_layer=False)),
+        _randomize(Dinov2Model(Dinov2Config(mlp_ratio=2, **DENSE))),
+    ):
+        model = upcycle(dense, routing_level="token", num_experts=2, num_experts_per_tok=1,
+                        num_shared_experts=num_shared_experts, moe_layers="all")
+        assert isinstance(model, VMoEModel)
+        with torch.no_grad():
+            ref, out = dense(pixels), model(pixels)
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=ATOL, rtol=0)
+        # VMoE's pooler output is the final class token (DINOv2's too; ViT without its pooler has none)
+        torch.testing.assert_close(out.pooler_output, ref.last_hidden_state[:, 0], atol=ATOL, rtol=0)
+
+
+def test_dinov2_other_image_size():
+    """DINOv2 interpolates its position embeddings at every forward: upcycling to image_size=48 resamples them the
+    same way, so the VMoE at 48 px equals DINOv2 at 48 px (no interpolate_pos_encoding needed)."""
+    dense = dinov2_classifier()
+    x = torch.randn(2, 3, 48, 48)
+    model = upcycle(dense, routing_level="image", num_experts=4, num_experts_per_tok=2, image_size=48)
+    assert model.config.image_size == 48
+    assert model.vmoe.embeddings.position_embeddings.shape[1] == 1 + 36
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, atol=ATOL, rtol=0)
+    # default image size keeps the dense grid, and another size then needs interpolate_pos_encoding
+    same = upcycle(dense, routing_level="image", num_experts=4)
+    assert same.vmoe.embeddings.position_embeddings.shape[1] == 1 + 16
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        same(x)
+
+
+def test_vit_other_image_size_matches_interpolation():
+    dense = vit_classifier()
+    x = torch.randn(2, 3, 40, 48)
+    model = upcycle(dense, routing_level="token", num_experts=2, image_size=(40, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x, interpolate_pos_encoding=True).logits, atol=ATOL, rtol=0)
+
+
+def test_split_experts_uniform_router_over_all_experts_equals_dense(pixels):
+    dense = vit_classifier()
+    model = upcycle(dense, routing_level="token", expert_init="split", num_experts=4, num_experts_per_tok=4,
+                    moe_layers=(2,))
+    assert model.config.expert_intermediate_size == 16
+    with torch.no_grad():
+        model.vmoe.encoder.layer[2].mlp.router.weight.zero_()  # uniform router: each expert gets weight 1/4
+        torch.testing.assert_close(model(pixels).logits, dense(pixels).logits, atol=ATOL, rtol=0)
+    one = upcycle(dense, routing_level="token", expert_init="split", num_experts=4, num_experts_per_tok=1,
+                  moe_layers=(2,))
+    with torch.no_grad():  # a single slice is not the dense MLP
+        assert not torch.allclose(one(pixels).logits, dense(pixels).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="divisible"):
+        upcycle(dense, expert_init="split", num_experts=3)
+
+
+def test_expert_noise_perturbs_copies(pixels):
+    dense = vit_classifier()
+    model = upcycle(dense, routing_level="token", num_experts=4, expert_noise_std=0.05, seed=3, moe_layers=(2,))
+    experts = model.vmoe.encoder.layer[2].mlp.experts
+    assert not torch.allclose(experts.up_proj[0], experts.up_proj[1])
+    rel = (experts.up_proj[0] - dense.vit.layers[2].mlp.fc1.weight).std() / dense.vit.layers[2].mlp.fc1.weight.std()
+    assert 0.02 < rel.item() < 0.1
+    with torch.no_grad():
+        diff = (model(pixels).logits - dense(pixels).logits).abs().max().item()
+    assert 0 < diff < 1.0
+
+
+def test_from_local_directory_and_round_trip(tmp_path, pixels):
+    dense = dinov2_classifier()
+    dense.save_pretrained(tmp_path / "dense")
+    model = upcycle(str(tmp_path / "dense"), routing_level="token", num_experts=4, num_experts_per_tok=2,
+                    num_shared_experts=1)
+    with torch.no_grad():
+        expected = dense(pixels).logits
+        torch.testing.assert_close(model(pixels).logits, expected, atol=ATOL, rtol=0)
+    model.save_pretrained(tmp_path / "moe")
+    assert (tmp_path / "moe" / "model.safetensors").exists()
+    reloaded = VMoEForImageClassification.from_pretrained(tmp_path / "moe")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, expected, atol=ATOL, rtol=0)
+    assert reloaded.config.id2label == dense.config.id2label
+
+
+def test_segmentation_and_backbone_targets(pixels):
+    dense = vit_classifier()
+    seg = upcycle(dense, task="segmentation", routing_level="token", num_experts=4, num_shared_experts=1,
+                  id2label={0: "a", 1: "b", 2: "c"})
+    assert isinstance(seg, VMoEForSemanticSegmentation) and seg.config.num_labels == 3
+    assert seg(pixels).logits.shape == (3, 3, 32, 32)
+    backbone = upcycle(dense, task="backbone", routing_level="token", num_experts=4, out_indices=[1, 3])
+    assert isinstance(backbone, VMoEBackbone)
+    with torch.no_grad():
+        maps = backbone(pixels).feature_maps
+        hidden = dense(pixels, output_hidden_states=True).hidden_states
+    assert len(maps) == 2 and maps[0].shape == (3, 32, 4, 4)
+    # the backbone applies the final layer norm to each stage, as Dinov2Backbone does
+    expected = dense.vit.layernorm(hidden[3])[:, 1:].reshape(3, 4, 4, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(maps[1], expected, atol=ATOL, rtol=0)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="use_swiglu_ffn"):
+        upcycle(dinov2_classifier(use_swiglu_ffn=True), num_experts=2)
+    registers = Dinov2WithRegistersModel(
+        Dinov2WithRegistersConfig(num_register_tokens=4, **{k: v for k, v in DENSE.items() if k != "num_labels"})
+    )
+    with pytest.raises(ValueError, match="register tokens"):
+        upcycle(registers, num_experts=2)
+    deit = DeiTForImageClassificationWithTeacher(DeiTConfig(intermediate_size=64, **DENSE)).eval()
+    with pytest.raises(ValueError, match="distillation token"):
+        upcycle(deit, num_experts=2)
+    with pytest.raises(ValueError, match="task"):
+        upcycle(vit_classifier(), task="detection")
+    with pytest.raises(ValueError, match="expert_init"):
+        upcycle(vit_classifier(), expert_init="random")
+    with pytest.raises(ValueError, match="hidden_size"):
+        upcycle(vit_classifier(), hidden_size=64)
+    with pytest.raises(ValueError, match="expert_intermediate_size"):
+        upcycle(vit_classifier(), expert_intermediate_size=32)
+    with pytest.raises(ValueError, match="model_type"):
+        vmoe_config_from_dense(VMoEConfig())
+
+
+def test_deit_with_dropped_distillation_token(pixels):
+    deit = _randomize(DeiTForImageClassificationWithTeacher(DeiTConfig(intermediate_size=64, **DENSE)))
+    model = upcycle(deit, drop_distillation_token=True, routing_level="token", num_experts=2)
+    pos = deit.deit.embeddings.position_embeddings
+    torch.testing.assert_close(model.vmoe.embeddings.position_embeddings, torch.cat([pos[:, :1], pos[:, 2:]], 1))
+    torch.testing.assert_close(model.classifier.weight, deit.cls_classifier.weight)
+    assert model(pixels).logits.shape == (3, 5)
+
+
+def test_upcycle_example_script(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "upcycle.py"
+    spec = importlib.util.spec_from_file_location("upcycle_example", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    dinov2_classifier().save_pretrained(tmp_path / "dense")
+    script.main([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num_experts", "4", "--num_shared_experts", "1",
+                 "--moe_layers", "1,2", "--image_size", "48", "--check"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["max_abs_diff"] < ATOL and summary["moe_layers"] == [1, 2]
+    model = VMoEForImageClassification.from_pretrained(tmp_path / "moe")
+    assert model.config.image_size == 48 and model.config.num_shared_experts == 1
+    assert (tmp_path / "moe" / "preprocessor_config.json").exists()
