@@ -1,0 +1,419 @@
+"""Model cards and publishing to the Hugging Face Hub.
+
+    from hf_vmoe.hub import build_model_card, publish
+    card = build_model_card(model, repo_id="org/mobile-vmoe-tiny", trained_on="ImageNet-1k, 300 epochs",
+                            eval_results=[{"dataset": "imagenet-1k", "metric": "accuracy", "value": 0.629}])
+    publish(model, processor, "org/mobile-vmoe-tiny", card=card)
+
+`publish` saves the model (safetensors, with its modeling/config code for `trust_remote_code`), the image processor
+and the card into one folder and uploads it as a single commit. Offline (`HF_HUB_OFFLINE=1`) it raises before
+anything is written, locally or remotely.
+
+The card is built from the config: routing level, experts, k, MoE layers, total and active parameters (and FLOPs
+when `hf_vmoe.flops` is available), the super-class map, intended use, limitations and the citations of Mobile
+V-MoE (Daxberger et al. 2023) and ViMoE (Han et al. 2024). It says plainly when the weights are untrained.
+
+CLI: `python -m hf_vmoe.hub card --preset mobile-vmoe-tiny --repo-id org/mobile-vmoe-tiny --out model_cards/...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+from .configuration_vmoe import VMoEConfig
+
+UNTRAINED = "randomly initialised (no trained weights yet)"
+
+CITATIONS = r"""```bibtex
+@article{daxberger2023mobilevmoe,
+  title   = {Mobile V-MoEs: Scaling Down Vision Transformers via Sparse Mixture-of-Experts},
+  author  = {Daxberger, Erik and Weers, Floris and Zhang, Bowen and Gunter, Tom and Pang, Ruoming and
+             Eichner, Marcin and Emmersberger, Michael and Yang, Yinfei and Toshev, Alexander and Du, Xianzhi},
+  journal = {arXiv preprint arXiv:2309.04354},
+  year    = {2023}
+}
+
+@article{han2024vimoe,
+  title   = {ViMoE: An Empirical Study of Designing Vision Mixture-of-Experts},
+  author  = {Han, Xumeng and Wei, Longhui and Dou, Zhiyang and Wang, Zipeng and Qiang, Chenhui and He, Xin and
+             Sun, Yingfei and Han, Zhenjun and Tian, Qi},
+  journal = {arXiv preprint arXiv:2410.15732},
+  year    = {2024}
+}
+```"""
+
+# Fallback presets when `hf_vmoe.presets` is unavailable. Mobile V-MoE-Tiny is the config default (ViT-Tiny
+# 12 x 192, 10 experts, k = 1, the last two blocks MoE, one shared per-image router).
+PRESETS: dict[str, dict] = {
+    "mobile-vmoe-tiny": dict(num_labels=1000),
+}
+
+
+def preset_config(name: str) -> VMoEConfig:
+    """The config of a named preset: `hf_vmoe.presets.get_preset` when that module exists, else `PRESETS`."""
+    try:
+        from .presets import get_preset
+    except ImportError:
+        get_preset = None
+    if get_preset is not None:
+        return get_preset(name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return VMoEConfig(**PRESETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _expert_params(config: VMoEConfig) -> int:
+    """Parameters of one routed expert (fc1 + fc2 with biases)."""
+    h, i = config.hidden_size, config.expert_intermediate_size
+    return 2 * h * i + i + h
+
+
+def count_parameters(model_or_config) -> dict[str, int]:
+    """Total parameters and the parameters active for one input (image routing: per image; token routing: per
+    token). Only routed experts are inactive: a MoE block uses k of its E experts. From a model the total is the
+    exact `numel` sum; from a config the model is built on the meta device to count it."""
+    if isinstance(model_or_config, VMoEConfig):
+        config = model_or_config
+        import torch
+
+        from .modeling_vmoe import VMoEForImageClassification
+
+        with torch.device("meta"):
+            model = VMoEForImageClassification(config)
+    else:
+        model, config = model_or_config, model_or_config.config
+    total = sum(p.numel() for p in model.parameters())
+    inactive_per_layer = (config.num_experts - config.num_experts_per_tok) * _expert_params(config)
+    active = total - len(config.moe_layers) * inactive_per_layer
+    return {"total": int(total), "active": int(active)}
+
+
+def _flops(config: VMoEConfig) -> dict | None:
+    """Per-image FLOPs from `hf_vmoe.flops.count_flops` (2 x MACs, see that module); None if it is unavailable."""
+    try:
+        from .flops import count_flops
+    except ImportError:
+        return None
+    cost = count_flops(config)
+    return {"flops": int(cost.flops), "macs": int(cost.flops // 2), "flops_all_experts": int(cost.flops_all_experts)}
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _eval_results(results, model_name: str) -> list[EvalResult] | None:
+    """Accepts `EvalResult`s or dicts {"dataset", "metric", "value"} (+ optional "dataset_name", "split",
+    "task", "metric_name", "config")."""
+    if not results:
+        return None
+    out = []
+    for r in results:
+        if isinstance(r, EvalResult):
+            out.append(r)
+            continue
+        if not isinstance(r, Mapping) or not {"dataset", "metric", "value"} <= set(r):
+            raise ValueError(f"eval result must be an EvalResult or a dict with dataset, metric, value; got {r!r}")
+        out.append(
+            EvalResult(
+                task_type=r.get("task", "image-classification"),
+                dataset_type=r["dataset"],
+                dataset_name=r.get("dataset_name", r["dataset"]),
+                dataset_split=r.get("split"),
+                dataset_config=r.get("config"),
+                metric_type=r["metric"],
+                metric_name=r.get("metric_name", r["metric"]),
+                metric_value=float(r["value"]),
+            )
+        )
+    return out
+
+
+def superclass_summary(config: VMoEConfig, max_names: int = 4) -> str:
+    """A markdown table: each expert's super-class, how many classes it holds, a few class names."""
+    ids = config.superclass_ids
+    if not ids:
+        return "No super-class map: the router is trained end to end (or this is a token-routed model)."
+    sizes = Counter(ids)
+    rows = ["| expert / super-class | classes | examples |", "|---|---|---|"]
+    for s in range(config.num_experts):
+        members = [c for c, sc in enumerate(ids) if sc == s]
+        names = [str(config.id2label.get(c, c)) for c in members[:max_names]]
+        more = " ..." if len(members) > max_names else ""
+        rows.append(f"| {s} | {sizes.get(s, 0)} | {', '.join(names)}{more} |")
+    return (
+        f"The router is guided by a map of {len(ids)} classes onto {config.num_experts} super-classes "
+        f"(`config.superclass_ids`; sizes {min(sizes.values())}-{max(sizes.values())}).\n\n" + "\n".join(rows)
+    )
+
+
+def architecture_summary(config: VMoEConfig) -> dict:
+    params = count_parameters(config)
+    summary = {
+        "routing_level": config.routing_level,
+        "num_experts": config.num_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "moe_layers": list(config.moe_layers),
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "expert_intermediate_size": config.expert_intermediate_size,
+        "num_shared_experts": config.num_shared_experts,
+        "shared_router": bool(config.shared_router),
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "total_params": params["total"],
+        "active_params": params["active"],
+    }
+    flops = _flops(config)
+    if flops:
+        summary["flops"] = flops
+    return summary
+
+
+def build_model_card(
+    model_or_config,
+    repo_id: str,
+    *,
+    trained_on: str | None = None,
+    eval_results: Sequence | None = None,
+    datasets: Sequence[str] | None = None,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+    extra_notes: str | None = None,
+) -> ModelCard:
+    """A model card for a VMoE model or config.
+
+    trained_on: what the weights were trained on, in words (None = the weights are untrained and the card says so).
+    eval_results: `EvalResult`s or dicts {"dataset", "metric", "value"} -> the card's model-index.
+    """
+    config = model_or_config if isinstance(model_or_config, VMoEConfig) else model_or_config.config
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
+    if eval_results and trained_on is None:
+        raise ValueError("eval_results were given for untrained weights: pass trained_on= to say what they came from")
+    model_name = repo_id.split("/")[-1]
+    arch = architecture_summary(config)
+    tags = ["vision", "image-classification", "mixture-of-experts", "vmoe", f"{config.routing_level}-routing"]
+    if config.routing_level == "image":
+        tags.append("mobile-vmoe")
+    if config.num_shared_experts:
+        tags.append("vimoe")
+    data = ModelCardData(
+        model_name=model_name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=tags,
+        datasets=list(datasets) if datasets else None,
+        base_model=base_model,
+        eval_results=_eval_results(eval_results, model_name),
+    )
+
+    routing = (
+        f"**image-level** routing (Mobile V-MoE): each whole image goes to {config.num_experts_per_tok} of "
+        f"{config.num_experts} experts, decided by "
+        + ("one router shared by every MoE block" if config.shared_router else "a router in each MoE block")
+        + f" that reads the {'class token' if config.router_input == 'cls' else 'mean patch token'}"
+        if config.routing_level == "image"
+        else f"**token-level** routing (V-MoE / ViMoE): each patch token goes to its top-{config.num_experts_per_tok} "
+        f"of {config.num_experts} experts in each MoE block"
+        + ("" if config.capacity_factor is None else f", training capacity factor {config.capacity_factor}")
+    )
+    shared = (
+        f"{config.num_shared_experts} always-on shared expert(s) of width {config.shared_expert_intermediate_size} "
+        "(ViMoE)"
+        if config.num_shared_experts
+        else "none"
+    )
+    flops = arch.get("flops")
+    flops_line = (
+        f"{_human(flops['flops'])} per image at inference ({_human(flops['macs'])} MACs); "
+        f"{_human(flops['flops_all_experts'])} if every expert ran (analytic, `hf_vmoe.flops.count_flops`)"
+        if flops
+        else "not computed here (`hf_vmoe.flops` not available when this card was generated)"
+    )
+    weights = trained_on or UNTRAINED
+    status = (
+        f"Weights: {weights}."
+        if trained_on
+        else "**These weights are randomly initialised: no trained checkpoint has been published yet.** The card "
+        "describes the architecture; predictions from these weights are meaningless."
+    )
+    results_md = ""
+    if data.eval_results:
+        rows = ["| dataset | split | metric | value |", "|---|---|---|---|"]
+        for r in data.eval_results:
+            rows.append(f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name} | {r.metric_value:.4g} |")
+        results_md = "\n## Evaluation\n\n" + "\n".join(rows) + "\n"
+
+    body = f"""
+# {model_name}
+
+A sparse Vision Mixture-of-Experts Transformer ({config.num_hidden_layers} x {config.hidden_size} ViT, patch
+{config.patch_size}, {config.image_size} px) from the `hf_vmoe` package, loadable with `transformers`.
+
+{status}
+
+## Architecture
+
+| | |
+|---|---|
+| routing | {routing} |
+| experts per MoE block | {config.num_experts} (k = {config.num_experts_per_tok}), width {config.expert_intermediate_size} |
+| MoE blocks | {list(config.moe_layers)} of {config.num_hidden_layers} |
+| shared experts | {shared} |
+| parameters | {_human(arch['total_params'])} total, {_human(arch['active_params'])} active per {'image' if config.routing_level == 'image' else 'token'} ({arch['total_params']:,} / {arch['active_params']:,}) |
+| FLOPs | {flops_line} |
+| labels | {config.num_labels} |
+
+### Super-classes
+
+{superclass_summary(config)}
+{results_md}
+## How to use
+
+```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True)
+inputs = processor(images=image, return_tensors="pt")
+predicted = model(**inputs).logits.argmax(-1)
+```
+
+With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `outputs.expert_counts` tells
+which experts each MoE block used; `output_router_logits=True` returns the router logits.
+
+## Intended use
+
+Image classification (and, through `VMoEBackbone` / `VMoEForSemanticSegmentation`, dense prediction) where compute
+per image must stay small: {'image-level routing runs only k experts per image, so an image costs what a dense ViT of the active size costs, which suits on-device inference' if config.routing_level == 'image' else 'token routing keeps per-token compute at k experts while total capacity grows with E'}.
+Research on routing: specialisation of experts per class or super-class, how many MoE layers to use.
+
+## Limitations
+
+- {status if not trained_on else 'Accuracy is only known for the evaluation listed on this card; other domains are untested.'}
+- Routing is learned from the training data: images far from it may be sent to an expert that never saw
+  anything like them; check `expert_counts` on your data.
+- Image routing decides one expert set per image: small objects in cluttered scenes get the expert of the
+  dominant content. Token routing avoids this at a higher active-parameter count.
+- Training MoE models needs the balancing losses (`router_aux_loss_coef`, `router_z_loss_coef`); without them
+  experts collapse.
+{('- ' + extra_notes) if extra_notes else ''}
+
+## Citation
+
+{CITATIONS}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Publishing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_online(repo_id: str) -> None:
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        raise OfflineModeIsEnabled(
+            f"Cannot publish to {repo_id!r}: HF_HUB_OFFLINE=1 is set, so no request may reach the Hub. Nothing "
+            "was written, locally or remotely. Unset HF_HUB_OFFLINE to publish."
+        )
+
+
+def publish(
+    model,
+    processor,
+    repo_id: str,
+    *,
+    card: ModelCard | None = None,
+    trained_on: str | None = None,
+    eval_results: Sequence | None = None,
+    commit_message: str = "Upload VMoE model, image processor and model card",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+):
+    """Push model + image processor + model card to `repo_id` in one commit; returns the `CommitInfo`.
+
+    The model is saved as safetensors with its `configuration_vmoe.py` / `modeling_vmoe.py` (and the processor's
+    code) so the repo loads with `trust_remote_code=True` where hf_vmoe is not installed. Without `card` one is
+    built with `build_model_card(model, repo_id, trained_on=..., eval_results=...)`.
+    Raises `OfflineModeIsEnabled` (before writing anything) when HF_HUB_OFFLINE is set.
+    """
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must look like 'name' or 'org/name', got {repo_id!r}")
+    _check_online(repo_id)
+    if card is None:
+        card = build_model_card(model, repo_id, trained_on=trained_on, eval_results=eval_results)
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_vmoe_publish_") as folder:
+        model.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        card.save(Path(folder) / "README.md")
+        return api.upload_folder(
+            repo_id=repo_url.repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            token=token,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m hf_vmoe.hub", description="VMoE model cards")
+    sub = parser.add_subparsers(dest="command", required=True)
+    card = sub.add_parser("card", help="write the model card of a preset or a saved model folder")
+    source = card.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a preset name, e.g. mobile-vmoe-tiny (see hf_vmoe.presets)")
+    source.add_argument("--model", help="a saved model folder (config.json)")
+    card.add_argument("--repo-id", required=True)
+    card.add_argument("--out", required=True, help="README.md path to write")
+    card.add_argument("--trained-on", default=None, help="what the weights were trained on (omit: untrained)")
+    args = parser.parse_args(argv)
+    config = preset_config(args.preset) if args.preset else VMoEConfig.from_pretrained(args.model)
+    model_card = build_model_card(config, args.repo_id, trained_on=args.trained_on)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_card.save(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["build_model_card", "publish", "count_parameters", "architecture_summary", "superclass_summary",
+           "preset_config", "CITATIONS"]
