@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hf_vmoe  # noqa: E402,F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig  # noqa: E402
 
+# Tiny configs: one thread is faster than two (no fork/join overhead) and keeps subprocess tests from oversubscribing
+torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("HF_VMOE_REAL_DATA", REPO_ROOT.parent / "shared" / "data"))
 

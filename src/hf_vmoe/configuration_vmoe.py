@@ -5,6 +5,8 @@ routed to experts (whole images as in Mobile V-MoE, or tokens as in V-MoE / ViMo
 (ViMoE), and the auxiliary losses. The config is plain data: it imports nothing from this package.
 """
 
+import operator
+
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -112,7 +114,10 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "vmoe"
-    keys_to_ignore_at_inference = ["aux_loss", "router_logits", "hidden_states", "attentions", "routing"]
+    keys_to_ignore_at_inference = [
+        "aux_loss", "router_logits", "hidden_states", "attentions", "superclass_loss", "superclass_accuracy",
+        "expert_counts",
+    ]
 
     # ViT
     hidden_size: int = 192
@@ -160,6 +165,9 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) \
+                or self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be a positive integer, got {self.num_hidden_layers!r}")
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.intermediate_size
@@ -168,7 +176,12 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.shared_router is None:
             self.shared_router = self.routing_level == "image"
         if self.superclass_ids is not None:
-            self.superclass_ids = [int(s) for s in self.superclass_ids]
+            try:
+                self.superclass_ids = [operator.index(s) for s in self.superclass_ids]
+            except TypeError:
+                raise ValueError(
+                    f"superclass_ids must be a list of integer super-class ids, got {self.superclass_ids!r}"
+                ) from None
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
@@ -208,6 +221,16 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                      "router_aux_loss_coef", "router_importance_loss_coef", "router_z_loss_coef",
                      "superclass_loss_coef", "initializer_range"):
             non_negative(name)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
+                or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        for name in ("qkv_bias", "normalize_router_weights", "batch_priority_routing", "output_router_logits",
+                     "shared_router", "apply_layernorm", "reshape_hidden_states"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
                 or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
@@ -240,7 +263,9 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
-        if self.layerscale_value is not None and not isinstance(self.layerscale_value, (int, float)):
+        if self.layerscale_value is not None and (
+            isinstance(self.layerscale_value, bool) or not isinstance(self.layerscale_value, (int, float))
+        ):
             raise ValueError(f"layerscale_value must be None or a number, got {self.layerscale_value!r}")
         if self.superclass_ids is not None:
             ids = list(self.superclass_ids)

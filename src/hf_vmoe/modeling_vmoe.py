@@ -302,7 +302,8 @@ class VMoETopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor, forced_index: torch.Tensor | None = None):
-        logits = F.linear(hidden_states.float(), self.weight.float())
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):  # float32 even under autocast
+            logits = F.linear(hidden_states.float(), self.weight.float())
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + torch.randn_like(logits) * self.noise_std
@@ -365,55 +366,82 @@ class VMoEExperts(nn.Module):
         return F.linear(self.act_fn(hidden_states), self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Token routing. hidden_states (T, H); top_k_index / top_k_weights (T, k). Each expert runs only on the
-        tokens routed to it."""
+        """Token routing, the `eager` experts backend. hidden_states (T, H); top_k_index / top_k_weights (T, k).
+        Each expert runs one matmul pair on exactly the tokens routed to it: the (token, slot) assignments are
+        sorted by expert once, each expert gathers its tokens, scales its output by their combine weights and adds
+        it into the result (experts in ascending order, so the sum order is fixed). One host sync (the per-expert
+        counts). On CPU this is the fastest backend (see docs_perf.md): it adds the biases inside the matmul
+        instead of gathering one bias row per assignment as `grouped_mm` does."""
+        num_tokens, top_k = top_k_index.shape
         final_hidden_states = torch.zeros_like(hidden_states)
+        if num_tokens == 0:
+            return final_hidden_states
         with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current = self.expert_forward(expert_idx, hidden_states[token_idx])
-            current = current * top_k_weights[token_idx, top_k_pos, None].to(current.dtype)
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+            flat_index = top_k_index.reshape(-1)
+            order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, token order inside
+            counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
+            token_of = order // top_k
+        sorted_weights = top_k_weights.reshape(-1)[order]
+        start = 0
+        for expert_idx, count in enumerate(counts):
+            if not count:
+                continue
+            end = start + count
+            tokens = token_of[start:end]
+            current = self.expert_forward(expert_idx, hidden_states.index_select(0, tokens))
+            current = current * sorted_weights[start:end, None].to(current.dtype)
+            final_hidden_states.index_add_(0, tokens, current.to(final_hidden_states.dtype))
+            start = end
         return final_hidden_states
 
     def forward_images(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Image routing. hidden_states (B, S, H); top_k_index / top_k_weights (B, k): every token of an image goes
-        to that image's experts. Images are grouped by expert so each expert runs one matmul on its images' tokens,
-        which costs what a dense MLP costs. Under tracing/compilation (no data-dependent shapes) each image
-        gathers its expert's weights instead (one batched matmul, same arithmetic)."""
+        to that image's experts.
+
+        Eager: each expert used by the batch runs one matmul pair on all tokens of its images (gathered with
+        `index_select`; no gather at all when a single expert takes the whole batch, e.g. batch 1), so the block
+        costs what a dense MLP costs. Results are written straight into the output rows (`index_copy_` for k=1,
+        `index_add_` in ascending expert order for k>1). Under tracing / compilation / export (no data-dependent
+        shapes) each image gathers its experts' weights instead: one batched matmul per slot, same arithmetic."""
         batch_size, seq_len, hidden_dim = hidden_states.shape
         top_k = top_k_index.shape[1]
         weights = top_k_weights.to(hidden_states.dtype)
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting():
-            out = hidden_states.new_zeros(hidden_states.shape)
-            for slot in range(top_k):
-                idx = top_k_index[:, slot]
-                h = torch.baddbmm(self.up_proj_bias[idx].unsqueeze(1), hidden_states, self.up_proj[idx].transpose(1, 2))
-                h = torch.baddbmm(self.down_proj_bias[idx].unsqueeze(1), self.act_fn(h), self.down_proj[idx].transpose(1, 2))
-                out = out + h * weights[:, slot, None, None]
-            return out
-        if top_k == 1 and batch_size == 1:
-            return self.expert_forward(top_k_index[0, 0], hidden_states) * weights[0, 0]
+            return self._forward_images_gathered(hidden_states, top_k_index, weights)
         flat_index = top_k_index.reshape(-1)
-        order = torch.argsort(flat_index, stable=True)
-        counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
-        image_of = order // top_k
-        grouped = hidden_states[image_of]  # (B * k, S, H) images sorted by expert
-        outputs = []
+        with torch.no_grad():
+            order = torch.argsort(flat_index, stable=True)
+            counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()  # the one host sync
+            image_of = order // top_k
+        sorted_weights = weights.reshape(-1)[order, None, None]
+        if top_k == 1 and max(counts) == batch_size:  # one expert for the whole batch: no gather, no scatter
+            return self.expert_forward(counts.index(batch_size), hidden_states) * weights[:, :, None]
+        out = hidden_states.new_empty(hidden_states.shape) if top_k == 1 else hidden_states.new_zeros(hidden_states.shape)
         start = 0
         for expert_idx, count in enumerate(counts):
-            if count:
-                outputs.append(self.expert_forward(expert_idx, grouped[start : start + count]))
-                start += count
-        grouped_out = torch.cat(outputs) * weights.reshape(-1)[order, None, None]
-        if top_k == 1:
-            out = torch.empty_like(grouped_out)
-            out[image_of] = grouped_out
-            return out
-        return hidden_states.new_zeros(hidden_states.shape).index_add_(0, image_of, grouped_out)
+            if not count:
+                continue
+            end = start + count
+            images = image_of[start:end]
+            current = self.expert_forward(expert_idx, hidden_states.index_select(0, images)) * sorted_weights[start:end]
+            if top_k == 1:
+                out.index_copy_(0, images, current)
+            else:
+                out.index_add_(0, images, current)
+            start = end
+        return out
+
+    def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
+        """Static-shape image routing (tracing, torch.compile, torch.export / ONNX): every image gathers its
+        experts' weights, one `baddbmm` pair per slot."""
+        out = None
+        for slot in range(top_k_index.shape[1]):
+            idx = top_k_index[:, slot]
+            h = torch.baddbmm(self.up_proj_bias[idx].unsqueeze(1), hidden_states, self.up_proj[idx].transpose(1, 2))
+            h = torch.baddbmm(self.down_proj_bias[idx].unsqueeze(1), self.act_fn(h), self.down_proj[idx].transpose(1, 2))
+            h = h * weights[:, slot, None, None]
+            out = h if out is None else out + h
+        return out
 
 
 def _is_exporting() -> bool:
@@ -633,22 +661,76 @@ class VMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]  # the router stays float32 when loaded in fp16 / bf16
 
     def __init__(self, config: VMoEConfig, *inputs, **kwargs):
-        super().__init__(config, *inputs, **kwargs)
         config.validate_vmoe()
-        self._check_experts_backend()
+        super().__init__(config, *inputs, **kwargs)
 
-    def _check_experts_backend(self):
-        """grouped_mm on CPU needs widths that are multiples of 8: fall back to eager (or raise if asked for)."""
-        requested = getattr(self.config, "_experts_implementation", None)
-        if requested == "grouped_mm":
-            self.config.validate_vmoe(experts_implementation="grouped_mm")
-        elif requested is None and self.config.is_moe and (
-            self.config.hidden_size % 8 or self.config.expert_intermediate_size % 8
-        ):
-            self.config._experts_implementation = "eager"
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """torch's grouped_mm needs expert widths that are multiples of 8: by default fall back to eager for other
+        widths; when grouped_mm is asked for explicitly (`experts_implementation="grouped_mm"` at load or init,
+        `set_experts_implementation("grouped_mm")`) raise a ValueError naming the widths.
+        Default (nothing requested): `eager` when no GPU is present (measured fastest on CPU, docs_perf.md), else
+        transformers' default `grouped_mm`."""
+        config = self.config
+        if requested_experts is None and not torch.cuda.is_available():
+            return "eager"
+        if config.is_moe and (config.hidden_size % 8 or config.expert_intermediate_size % 8):
+            if requested_experts == "grouped_mm":
+                config.validate_vmoe(experts_implementation="grouped_mm")
+            if requested_experts is None:
+                return "eager"
+        return super().get_correct_experts_implementation(requested_experts)
+
+    _head_prefixes = ("classifier.", "decode_head.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, stricter about checkpoints that do not fit (a VMoE with missing or
+        re-initialised experts looks fine and predicts nonsense):
+
+        - tensors whose shape differs from the model's (e.g. another `num_experts`) and tensors of the model body
+          missing from the checkpoint (e.g. expert or router weights) raise a ValueError listing every one of them;
+          with `ignore_mismatched_sizes=True` they are re-initialised with a warning, as in transformers. Missing
+          task-head weights (`classifier`, `decode_head`) are re-initialised with a warning, as in transformers.
+        - a truncated or corrupt `model.safetensors` raises a ValueError naming the checkpoint.
+        """
+        from safetensors import SafetensorError
+
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                ignore_mismatched_sizes=True,  # mismatches are reported below, with the list of what does not fit
+                output_loading_info=True,
+                **kwargs,
+            )
+        except SafetensorError as err:
+            raise ValueError(
+                f"Could not read the safetensors checkpoint of {pretrained_model_name_or_path!r}: {err}. "
+                "The file is truncated or corrupt; save or download it again."
+            ) from err
+        if not ignore_mismatched_sizes:
+            problems = [
+                f"  {key}: checkpoint shape {tuple(ckpt)} != model shape {tuple(mine)}"
+                for key, ckpt, mine in sorted(info["mismatched_keys"], key=lambda item: item[0])
+            ]
+            problems += [
+                f"  {key}: missing from the checkpoint"
+                for key in sorted(info["missing_keys"])
+                if not key.startswith(cls._head_prefixes)
+            ]
+            if problems:
+                raise ValueError(
+                    f"The checkpoint {pretrained_model_name_or_path!r} does not fit {cls.__name__} with this config "
+                    f"(num_experts={model.config.num_experts}, moe_layers={model.config.moe_layers}):\n"
+                    + "\n".join(problems)
+                    + "\nPass ignore_mismatched_sizes=True to re-initialise these weights instead."
+                )
+        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -678,7 +760,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be 4D (batch, {self.config.num_channels}, height, width), "
@@ -692,11 +774,18 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 f"pixel_values has {channels} channels but the model expects {self.config.num_channels}: "
                 f"expected shape (batch, {self.config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
             )
-        if not (pixel_values.is_floating_point()):
-            raise TypeError(
+        if not pixel_values.is_floating_point():
+            raise ValueError(
                 f"pixel_values must be a floating-point tensor (normalised pixels), got dtype {pixel_values.dtype}; "
                 "run the image processor first"
             )
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting()):
+            finite = torch.isfinite(pixel_values)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"pixel_values contains {int((~finite).sum())} NaN or infinite values (of {pixel_values.numel()}); "
+                    "the router would send such images to arbitrary experts and every output would be NaN"
+                )
         image_size = _pair(self.config.image_size)
         patch = _pair(self.config.patch_size)
         if interpolate_pos_encoding:
@@ -816,10 +905,15 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> VMoEImageClassifierOutput:
-        if labels is not None and labels.dtype in (torch.long, torch.int) and self.num_labels > 1:
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-                bad = labels[(labels < 0) | (labels >= self.num_labels)][0].item()
-                raise ValueError(f"labels must be in [0, num_labels={self.num_labels}), got {bad}")
+        if labels is not None and isinstance(pixel_values, torch.Tensor) and labels.shape[:1] != pixel_values.shape[:1]:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but pixel_values has batch size {pixel_values.shape[0]}"
+            )
+        if labels is not None and not labels.is_floating_point() and self.num_labels > 1:
+            invalid = ((labels < 0) | (labels >= self.num_labels)) & (labels != -100)  # -100: ignored, as in transformers
+            if bool(invalid.any()):
+                bad = labels[invalid][0].item()
+                raise ValueError(f"labels must be in [0, num_labels={self.num_labels}) (or -100 to ignore), got {bad}")
         outputs = self.vmoe(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -831,6 +925,8 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            if labels.dtype in (torch.uint8, torch.int8, torch.int16) and self.num_labels > 1:
+                labels = labels.long()  # class indices in a small integer type (e.g. from numpy)
             loss = self.loss_function(labels, logits, self.config)
             if outputs.aux_loss is not None:
                 loss = loss + outputs.aux_loss.to(loss.dtype)
@@ -904,7 +1000,7 @@ class VMoEForSemanticSegmentation(VMoEPreTrainedModel):
         logits = self.decode_head(feature_map, (height, width))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, ignore_index=255)
+            loss = self.loss_function(logits, labels.long(), ignore_index=255)
             if outputs.aux_loss is not None:
                 loss = loss + outputs.aux_loss.to(loss.dtype)
         return VMoESemanticSegmenterOutput(
@@ -921,8 +1017,12 @@ class VMoEForSemanticSegmentation(VMoEPreTrainedModel):
 def _validate_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tensor | None, num_labels: int):
     if labels.ndim != 3:
         raise ValueError(f"segmentation labels must be (batch, height, width), got shape {tuple(labels.shape)}")
-    if labels.is_floating_point():
-        raise TypeError(f"segmentation labels must be integers, got dtype {labels.dtype}")
+    if isinstance(pixel_values, torch.Tensor) and labels.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"segmentation labels have batch size {labels.shape[0]} but pixel_values has {pixel_values.shape[0]}"
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"segmentation labels must be integers, got dtype {labels.dtype}")
     valid = ((labels >= 0) & (labels < num_labels)) | (labels == 255)
     if not bool(valid.all()):
         bad = labels[~valid][0].item()

@@ -1,0 +1,456 @@
+"""Forward / backward, gradients, aux losses, outputs, sparsity, dense equivalence, determinism, backends."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from transformers import ViTConfig, ViTForImageClassification
+
+from hf_vmoe import VMoEBackbone, VMoEForImageClassification, VMoEForSemanticSegmentation, VMoEModel
+from hf_vmoe.modeling_vmoe import VMoEExperts, VMoESparseMoeBlock
+
+ROUTINGS = [("image", True), ("image", False), ("token", False)]  # (routing_level, shared_router)
+ROUTING_IDS = ["image-shared-router", "image-per-block-router", "token"]
+SEQ = 17  # 16 patches + class token in tiny_config
+
+
+def pixels(batch=3, size=32):
+    return torch.randn(batch, 3, size, size)
+
+
+def base_of(model):
+    return model.vmoe if hasattr(model, "vmoe") else model
+
+
+def moe_blocks(model):
+    return [m for m in model.modules() if isinstance(m, VMoESparseMoeBlock)]
+
+
+def routing_rows(model):
+    """Row of `expert_counts` that applies to each MoE block: the shared image router makes one decision (row 0)
+    for every block; otherwise each block's router has its own row, in block order."""
+    blocks = moe_blocks(model)
+    shared = base_of(model).encoder.router is not None
+    return [0 if shared else i for i in range(len(blocks))]
+
+
+def routers(model):
+    found = [m.router for m in moe_blocks(model) if m.router is not None]
+    if base_of(model).encoder.router is not None:
+        found.append(base_of(model).encoder.router)
+    return found
+
+
+def run_head(model, head, batch=3, **kwargs):
+    """Forward + a loss for each head. Returns (output, loss)."""
+    x = pixels(batch)
+    if head == "classification":
+        out = model(x, labels=torch.randint(0, 5, (batch,)), **kwargs)
+        return out, out.loss
+    if head == "segmentation":
+        out = model(x, labels=torch.randint(0, 5, (batch, 32, 32)), **kwargs)
+        return out, out.loss
+    out = model(x, **kwargs)
+    return out, sum(f.pow(2).mean() for f in out.feature_maps) + out.aux_loss
+
+
+HEADS = {"classification": VMoEForImageClassification, "segmentation": VMoEForSemanticSegmentation,
+         "backbone": VMoEBackbone}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("num_shared", [0, 1])
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_forward_backward_gradients(routing, num_shared, k, head):
+    level, shared_router = routing
+    config = tiny_config(routing_level=level, shared_router=shared_router, num_shared_experts=num_shared,
+                         num_experts_per_tok=k, router_importance_loss_coef=0.01,
+                         pooling="mean")  # with "cls" pooling the last block's patch tokens do not reach the loss
+    model = HEADS[head](config).train()
+    out, loss = run_head(model, head, batch=2)
+    assert torch.isfinite(loss)
+    loss.backward()
+    # routers: the shared encoder router or each block's router
+    rs = routers(model)
+    assert len(rs) == (1 if shared_router else 2)
+    for router in rs:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    counts = None if head == "backbone" else out.expert_counts  # the backbone output has no counts
+    for block, row in zip(moe_blocks(model), routing_rows(model)):
+        experts = block.experts
+        for name in ("up_proj", "down_proj", "up_proj_bias", "down_proj_bias"):
+            assert getattr(experts, name).grad is not None
+        used = experts.up_proj.grad.flatten(1).abs().sum(-1) > 0
+        if counts is not None:
+            assert torch.equal(used, counts[row] > 0), (used, counts[row])
+            assert torch.equal(experts.down_proj.grad.flatten(1).abs().sum(-1) > 0, counts[row] > 0)
+        assert used.any()
+        if level == "image":  # 2 images x k experts: at least 4 - 2k experts are idle and get exactly zero grad
+            assert int((~used).sum()) >= config.num_experts - 2 * k
+        if num_shared:
+            assert block.shared_expert.fc1.weight.grad.abs().sum() > 0
+            assert block.shared_expert.fc2.weight.grad.abs().sum() > 0
+        else:
+            assert block.shared_expert is None
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_expert_counts_match_routed_items(routing):
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                   num_experts_per_tok=2)).eval()
+    out = model(pixels(3))
+    items = 3 if level == "image" else 3 * SEQ
+    assert out.expert_counts.shape == (1 if shared_router else 2, 4)
+    assert (out.expert_counts.sum(-1) == items * 2).all()
+
+
+@pytest.mark.parametrize("head", ["classification", "segmentation"])
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_aux_loss_reaches_loss_without_output_router_logits(routing, head):
+    level, shared_router = routing
+    config = tiny_config(routing_level=level, shared_router=shared_router, router_aux_loss_coef=0.5,
+                         router_z_loss_coef=0.1, router_importance_loss_coef=0.2)
+    assert config.output_router_logits is False
+    model = HEADS[head](config).eval()
+    out, loss = run_head(model, head)
+    assert out.router_logits is None
+    assert out.aux_loss is not None and out.aux_loss > 0
+    if head == "classification":
+        labels = torch.randint(0, 5, (3,))
+        out = model(pixels(3), labels=labels)
+        task = F.cross_entropy(out.logits, labels)
+    else:
+        labels = torch.randint(0, 5, (3, 32, 32))
+        labels[0, :4] = 255
+        out = model(pixels(3), labels=labels)
+        task = F.cross_entropy(out.logits, labels, ignore_index=255)
+    torch.testing.assert_close(out.loss - task, out.aux_loss, rtol=1e-5, atol=1e-6)
+    # coefficients at zero: no aux loss in `loss`
+    quiet = HEADS[head](tiny_config(routing_level=level, shared_router=shared_router, router_aux_loss_coef=0.0,
+                                    router_z_loss_coef=0.0, router_importance_loss_coef=0.0)).eval()
+    out = quiet(pixels(3), labels=labels)
+    assert out.aux_loss == 0
+
+
+def test_aux_loss_is_the_mean_over_router_calls_of_each_term():
+    config = tiny_config(routing_level="token", router_aux_loss_coef=1.0, router_z_loss_coef=0.0)
+    model = VMoEModel(config).eval()
+    out = model(pixels(2), output_router_logits=True)
+    expected = []
+    for logits, counts in zip(out.router_logits, out.expert_counts):
+        probs = logits.softmax(-1)
+        fraction = counts.float() / counts.sum()
+        expected.append(4 * (fraction * probs.mean(0)).sum())
+    torch.testing.assert_close(out.aux_loss, torch.stack(expected).mean())
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_output_flags(routing):
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router)).eval()
+    x = pixels(2)
+    plain = model(x)
+    assert plain.hidden_states is None and plain.attentions is None and plain.router_logits is None
+    out = model(x, output_hidden_states=True, output_router_logits=True)
+    assert len(out.hidden_states) == 5 and all(h.shape == (2, SEQ, 32) for h in out.hidden_states)
+    items = 2 if level == "image" else 2 * SEQ
+    assert len(out.router_logits) == (1 if shared_router else 2)
+    assert all(r.shape == (items, 4) and r.dtype == torch.float32 for r in out.router_logits)
+    # config default for output_router_logits is used when the argument is omitted
+    model.config.output_router_logits = True
+    assert model(x).router_logits is not None
+    model.config.output_router_logits = False
+    # attentions: sdpa returns none, eager returns the maps, and both give the same logits
+    sdpa = model(x, output_attentions=True)
+    model.set_attn_implementation("eager")
+    eager = model(x, output_attentions=True)
+    assert len(eager.attentions) == 4
+    for maps in eager.attentions:
+        assert maps.shape == (2, 2, SEQ, SEQ)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, SEQ))
+    torch.testing.assert_close(sdpa.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    # return_dict=False gives a tuple starting with the logits
+    assert torch.equal(model(x, return_dict=False)[0], eager.logits)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_no_routing_runs_every_expert_on_every_input(routing, k, monkeypatch):
+    """Count what VMoEExperts.expert_forward computes: each expert sees only the items routed to it, once per
+    block, and the total is B * k images (image routing) or B * S * k tokens (token routing)."""
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                   num_experts_per_tok=k, num_experts=4)).eval()
+    model.set_experts_implementation("eager")  # the eager experts loop goes through expert_forward
+    calls = []
+    original = VMoEExperts.expert_forward
+
+    def counting(self, expert_idx, hidden_states):
+        calls.append((id(self), int(expert_idx), hidden_states.shape[0]))
+        return original(self, expert_idx, hidden_states)
+
+    monkeypatch.setattr(VMoEExperts, "expert_forward", counting)
+    for batch in (1, 5):
+        calls.clear()
+        out = model(pixels(batch))
+        items = batch if level == "image" else batch * SEQ
+        for block, row in zip(moe_blocks(model), routing_rows(model)):
+            mine = [(e, n) for owner, e, n in calls if owner == id(block.experts)]
+            experts_called = [e for e, _ in mine]
+            assert len(experts_called) == len(set(experts_called)), "an expert ran twice in one block"
+            assert sum(n for _, n in mine) == items * k
+            for e, n in mine:
+                assert n == out.expert_counts[row, e]
+            assert len(mine) == int((out.expert_counts[row] > 0).sum())
+        assert len(calls) <= 2 * 4
+
+
+def _dense_state_from_single_expert(moe_model):
+    state = {}
+    for key, value in moe_model.state_dict().items():
+        if ".mlp.router." in key or key.endswith("encoder.router.weight"):
+            continue
+        if ".mlp.experts." in key:
+            prefix, name = key.split(".mlp.experts.")
+            target = {"up_proj": "fc1.weight", "up_proj_bias": "fc1.bias", "down_proj": "fc2.weight",
+                      "down_proj_bias": "fc2.bias"}[name]
+            state[f"{prefix}.mlp.{target}"] = value[0]
+            continue
+        state[key] = value
+    return state
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_single_expert_equals_dense_mlp(routing):
+    level, shared_router = routing
+    common = dict(routing_level=level, num_experts=1, num_experts_per_tok=1, normalize_router_weights=True)
+    moe = VMoEForImageClassification(tiny_config(shared_router=shared_router, moe_layers=(1, 3), **common)).eval()
+    dense = VMoEForImageClassification(tiny_config(moe_layers=(), **common)).eval()
+    missing, unexpected = dense.load_state_dict(_dense_state_from_single_expert(moe), strict=True)
+    x = pixels(4)
+    torch.testing.assert_close(moe(x).logits, dense(x).logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moe(x, interpolate_pos_encoding=True).logits, dense(x).logits, rtol=1e-6, atol=1e-6)
+    assert dense(x).aux_loss is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dense_vmoe_equals_transformers_vit(attn):
+    config = tiny_config(moe_layers=(), qkv_bias=True)
+    ours = VMoEForImageClassification(config).eval()
+    vit_config = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8, num_labels=5, layer_norm_eps=config.layer_norm_eps,
+                           hidden_act=config.hidden_act, qkv_bias=True)
+    vit = ViTForImageClassification(vit_config).eval()
+    mapped = {
+        key.replace("vmoe.encoder.layer.", "vit.layers.").replace("vmoe.", "vit."): value
+        for key, value in ours.state_dict().items()
+    }
+    assert set(mapped) == set(vit.state_dict()), set(mapped) ^ set(vit.state_dict())
+    vit.load_state_dict(mapped, strict=True)
+    ours.set_attn_implementation(attn)
+    vit.set_attn_implementation(attn)
+    x = pixels(3)
+    torch.testing.assert_close(ours(x).logits, vit(x).logits, rtol=1e-5, atol=1e-5)
+    big = pixels(2, size=48)
+    torch.testing.assert_close(
+        ours(big, interpolate_pos_encoding=True).logits, vit(big, interpolate_pos_encoding=True).logits,
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("num_shared", [0, 1])
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_eval_is_batch_invariant(routing, num_shared):
+    level, shared_router = routing
+    for capacity in (None, 0.5):  # a training capacity never applies at eval (eval_capacity_factor=None)
+        model = VMoEForImageClassification(tiny_config(
+            routing_level=level, shared_router=shared_router, num_shared_experts=num_shared, num_experts_per_tok=2,
+            capacity_factor=capacity, router_noise_std=1.0)).eval()
+        x = pixels(6)
+        full = model(x).logits
+        singles = torch.cat([model(x[i : i + 1]).logits for i in range(6)])
+        torch.testing.assert_close(full, singles, rtol=1e-5, atol=1e-6)
+        perm = torch.randperm(6)
+        torch.testing.assert_close(model(x[perm]).logits, full[perm], rtol=1e-5, atol=1e-6)
+        mixed = torch.cat([x[:2], pixels(3)])
+        torch.testing.assert_close(model(mixed).logits[:2], full[:2], rtol=1e-5, atol=1e-6)
+    # an eval capacity that cannot drop anything (capacity >= items) keeps invariance as well
+    model.config.eval_capacity_factor = 4 / 2
+    torch.testing.assert_close(model(x).logits, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_eval_is_deterministic_and_noise_free(routing):
+    level, shared_router = routing
+    config = tiny_config(routing_level=level, shared_router=shared_router, router_noise_std=5.0, num_experts_per_tok=2)
+    model = VMoEForImageClassification(config).eval()
+    x = pixels(4)
+    first = model(x, output_router_logits=True)
+    second = model(x, output_router_logits=True)
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.expert_counts, second.expert_counts)
+    quiet = copy.deepcopy(model)
+    for router in routers(quiet):
+        router.noise_std = 0.0
+    assert torch.equal(quiet(x).logits, first.logits)
+    # in training the noise is applied: the choice of experts changes between two passes
+    model.train()
+    outs = [model(x).logits for _ in range(3)]
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])
+    quiet.train()
+    assert torch.equal(quiet(x).logits, quiet(x).logits)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_capacity_drops_only_where_configured(routing):
+    level, shared_router = routing
+    batch = 8
+    items = batch * (1 if level == "image" else SEQ)
+
+    def routed(model, train):
+        model.train(train)
+        return model(pixels(batch)).expert_counts.sum(-1)
+
+    dropless = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router))
+    assert (routed(dropless, True) == items).all() and (routed(dropless, False) == items).all()
+    train_only = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                        capacity_factor=0.5))
+    capacity = -(-items * 1 * 0.5 // 4)  # ceil(N * k * factor / E)
+    assert (routed(train_only, True) <= 4 * capacity).all() and (routed(train_only, True) < items).all()
+    assert (routed(train_only, False) == items).all()
+    both = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                  capacity_factor=0.5, eval_capacity_factor=0.5))
+    assert (routed(both, False) < items).all()
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_experts_backends_agree(routing):
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                   num_experts_per_tok=2, num_shared_experts=1))
+    assert model._can_set_experts_implementation()
+    assert VMoEModel._can_set_experts_implementation() and VMoEBackbone._can_set_experts_implementation()
+    x = pixels(3)
+    labels = torch.randint(0, 5, (3,))
+    results = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(impl)
+        assert model.config._experts_implementation == impl
+        model.zero_grad()
+        model.eval()
+        logits = model(x).logits
+        model.config.eval_capacity_factor = 0.5  # the capacity path (some assignments dropped)
+        dropped = model(x).logits
+        model.config.eval_capacity_factor = None
+        model.train()
+        model(x, labels=labels).loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[impl] = (logits, dropped, grads)
+    for impl in ("batched_mm", "grouped_mm"):
+        for ours, ref in zip(results[impl], results["eager"]):
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_gradient_checkpointing_gives_the_same_gradients(routing):
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
+                                                   num_experts_per_tok=2)).train()
+    x, labels = pixels(3), torch.randint(0, 5, (3,))
+    model(x, labels=labels).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    model(x, labels=labels).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_router_is_float32_under_bf16(routing):
+    level, shared_router = routing
+    model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router)).eval()
+    x = pixels(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, output_router_logits=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(r.dtype == torch.float32 for r in out.router_logits)
+    assert out.aux_loss.dtype == torch.float32
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    out = half(x, output_router_logits=True, labels=torch.tensor([0, 1]))
+    assert out.logits.dtype == torch.bfloat16
+    assert all(r.dtype == torch.float32 for r in out.router_logits)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(r.weight.grad).all() for r in routers(half))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_batch_of_one_and_idle_experts_give_finite_losses(routing):
+    level, shared_router = routing
+    config = tiny_config(routing_level=level, shared_router=shared_router, num_experts=8, router_aux_loss_coef=1.0,
+                         router_importance_loss_coef=1.0, router_z_loss_coef=1.0, capacity_factor=0.25)
+    model = VMoEForImageClassification(config).train()
+    out = model(pixels(1), labels=torch.tensor([3]))
+    assert (out.expert_counts == 0).any()  # idle experts
+    assert torch.isfinite(out.aux_loss) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # a zero router (all logits equal) is fine too
+    for router in routers(model):
+        torch.nn.init.zeros_(router.weight)
+    assert torch.isfinite(model(pixels(1), labels=torch.tensor([0])).loss)
+
+
+def test_heads_do_not_take_loss_kwargs():
+    """The Trainer then divides `loss` (task + aux) by the accumulation steps itself: no over-weighted aux loss."""
+    assert VMoEForImageClassification.accepts_loss_kwargs is False
+    assert VMoEForSemanticSegmentation.accepts_loss_kwargs is False
+
+
+def test_interpolate_pos_encoding_and_rectangular_images():
+    model = VMoEForSemanticSegmentation(tiny_config(routing_level="token")).eval()
+    out = model(torch.randn(2, 3, 48, 64), interpolate_pos_encoding=True)
+    assert out.logits.shape == (2, 5, 48, 64)
+    cls = VMoEForImageClassification(tiny_config(image_size=(32, 48))).eval()
+    assert cls(torch.randn(2, 3, 32, 48)).logits.shape == (2, 5)
+
+
+def test_pooling_variants_and_layerscale_drop_path():
+    x = pixels(2)
+    for pooling, width in (("cls", 32), ("mean", 32), ("cls_mean", 64)):
+        model = VMoEModel(tiny_config(pooling=pooling, layerscale_value=0.1, drop_path_rate=0.1)).eval()
+        out = model(x)
+        assert out.pooler_output.shape == (2, width)
+        torch.testing.assert_close(out.pooler_output[:, :32] if pooling != "mean" else out.pooler_output,
+                                   out.last_hidden_state[:, 0] if pooling != "mean"
+                                   else out.last_hidden_state[:, 1:].mean(1))
+    # layer scale is applied: scaling lambda to zero turns every block into the identity
+    model = VMoEModel(tiny_config(layerscale_value=0.1)).eval()
+    for layer in model.encoder.layer:
+        layer.layer_scale1.lambda1.data.zero_()
+        layer.layer_scale2.lambda1.data.zero_()
+    out = model(x, output_hidden_states=True)
+    for h in out.hidden_states[1:]:
+        torch.testing.assert_close(h, out.hidden_states[0])
+
+
+def test_all_routing_combinations_build_for_all_heads():
+    """A cheap sweep over the remaining options (router input, normalisation, capacity, priority)."""
+    for router_input, normalize, capacity, priority in itertools.product(
+        ("cls", "mean"), (False, True), (None, 1.0), (False, True)
+    ):
+        config = tiny_config(router_input=router_input, normalize_router_weights=normalize,
+                             capacity_factor=capacity, batch_priority_routing=priority, num_experts_per_tok=2)
+        model = VMoEForImageClassification(config).train()
+        out = model(pixels(2), labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
