@@ -36,6 +36,8 @@ CHILD = textwrap.dedent(
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
+    torch.set_num_threads(1)  # the same thread count as the test process, so float sums are bit-identical
+
     inputs, result = sys.argv[1:3]
     x = torch.load(inputs)
     out = {}

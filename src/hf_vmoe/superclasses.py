@@ -1,0 +1,454 @@
+"""Super-classes for Mobile V-MoE's super-class guided router.
+
+Mobile V-MoE (Daxberger et al. 2023) trains the per-image router to predict a *super-class*: a group of classes
+that a dense model confuses with each other. One super-class per expert, so each expert specialises in a group
+of similar-looking classes. The recipe:
+
+1. `model_confusion_matrix(dense_model, held_out_dataset)` (or `confusion_matrix(labels, predictions)` from any
+   classifier's predictions);
+2. `similarity_graph(cm)`: symmetric class-similarity weights (how often i and j are mistaken for each other,
+   relative to how often each is seen);
+3. `balanced_partition(similarity, num_experts)`: groups of near-equal size (sizes differ by at most one) that
+   keep confusable classes together;
+4. `set_superclasses(config, superclass_ids)`; the map is then saved with the model's config.
+
+Users with known super-classes (CIFAR-100's 20 coarse classes, WordNet groups) skip 1-3 with
+`load_superclass_map(path, class_names)`. `save_superclasses` writes JSON or CSV with the class names per group.
+
+The partition algorithm (balanced spectral clustering) is built from scipy's well-tested pieces:
+spectral embedding of the normalised graph Laplacian (`scipy.linalg.eigh`), k-means++ seeding and Lloyd
+iterations (`scipy.cluster.vq.kmeans2`), then *balanced* assignment of classes to group slots as a minimum-cost
+bipartite matching (`scipy.optimize.linear_sum_assignment`, the Hungarian / Jonker-Volgenant solver),
+alternated with centroid updates ("balanced k-means", Malinen & Franti 2014), over several seeds, keeping the
+partition with the largest within-group similarity. Why not the alternatives: networkx's Kernighan-Lin only
+bisects (2**n groups, not E=10), its community detection (Louvain, greedy modularity) picks its own number of
+groups of any size; METIS (pymetis) balances only approximately and is a compiled extra dependency. Spectral
+embedding is exact on the easy case that matters (classes confused only within blocks map to one point per
+block), and the matching step makes balance a hard constraint rather than a penalty.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------------
+# Confusion matrix
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(labels, predictions, num_labels: int | None = None) -> np.ndarray:
+    """`cm[i, j]` = number of examples of true class i predicted as class j (int64, num_labels x num_labels)."""
+    labels = np.asarray(labels).reshape(-1)
+    predictions = np.asarray(predictions).reshape(-1)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels and predictions differ in length: {labels.shape[0]} vs {predictions.shape[0]}")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name} must be integer class ids, got dtype {values.dtype}")
+        if values.size and values.min() < 0:
+            raise ValueError(f"{name} must be >= 0, got {values.min()}")
+    if num_labels is None:
+        num_labels = int(max(labels.max(initial=-1), predictions.max(initial=-1))) + 1
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and values.max() >= num_labels:
+            raise ValueError(f"{name} contain class {values.max()}, out of range for num_labels={num_labels}")
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(cm, (labels, predictions), 1)
+    return cm
+
+
+def predict(model, dataset, batch_size: int = 64, collate_fn=None, device=None, progress: bool = False,
+            return_probs: bool = False):
+    """Run `model` (a classifier returning `.logits`) in eval mode over `dataset` (items with `pixel_values` and
+    `labels`, e.g. a `datasets.Dataset` with a transform, or a list of dicts). Returns (labels, predictions) as
+    int64 numpy arrays (and the softmax probabilities, float64, with `return_probs=True`). Routing at eval never
+    looks at labels, so labels are not passed to the model."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    if collate_fn is None:
+        def collate_fn(items):
+            return {
+                "pixel_values": torch.stack([torch.as_tensor(x["pixel_values"]) for x in items]),
+                "labels": torch.as_tensor([int(x["labels"] if "labels" in x else x["label"]) for x in items]),
+            }
+
+    device = device or next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="predicting", leave=False)
+    was_training = model.training
+    model.eval()
+    all_labels, all_preds, all_probs = [], [], []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                logits = model(pixel_values=batch["pixel_values"].to(device)).logits.float()
+                all_preds.append(logits.argmax(-1).cpu())
+                all_labels.append(batch["labels"].cpu())
+                if return_probs:
+                    all_probs.append(logits.softmax(-1).cpu())
+    finally:
+        model.train(was_training)
+    labels = torch.cat(all_labels).numpy().astype(np.int64)
+    preds = torch.cat(all_preds).numpy().astype(np.int64)
+    if return_probs:
+        return labels, preds, torch.cat(all_probs).double().numpy()
+    return labels, preds
+
+
+def soft_confusion_matrix(labels, probs) -> np.ndarray:
+    """`cm[i, j]` = summed predicted probability of class j over the examples of true class i. On small held-out
+    sets of an accurate model the hard confusion matrix is almost diagonal; the soft one still says which classes
+    the model finds similar."""
+    labels = np.asarray(labels).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be (num_examples, num_labels) = ({labels.shape[0]}, C), got {probs.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise ValueError(f"labels must be in [0, {probs.shape[1]}), got {labels.min()}..{labels.max()}")
+    cm = np.zeros((probs.shape[1], probs.shape[1]))
+    np.add.at(cm, labels, probs)
+    return cm
+
+
+def model_confusion_matrix(model, dataset, batch_size: int = 64, collate_fn=None, device=None,
+                           progress: bool = False, soft: bool = False) -> np.ndarray:
+    """Confusion matrix of `model` over `dataset` (use a held-out split, not the training set: a model that has
+    memorised its training set confuses nothing there). `soft=True` sums predicted probabilities instead of
+    counting argmax predictions (`soft_confusion_matrix`)."""
+    if soft:
+        labels, _, probs = predict(model, dataset, batch_size, collate_fn, device, progress, return_probs=True)
+        return soft_confusion_matrix(labels, probs)
+    labels, predictions = predict(model, dataset, batch_size, collate_fn, device, progress)
+    return confusion_matrix(labels, predictions, model.config.num_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Similarity graph and balanced partition
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_square(matrix, name: str) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name} must be a square (num_classes x num_classes) matrix, got shape {matrix.shape}")
+    if matrix.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if (matrix < 0).any():
+        i, j = np.argwhere(matrix < 0)[0]
+        raise ValueError(f"{name} must have non-negative entries, got {matrix[i, j]} at [{i}, {j}]")
+    return matrix
+
+
+def similarity_graph(cm, normalize: bool = True) -> np.ndarray:
+    """Symmetric class-similarity matrix from a confusion matrix: `S[i, j] = (P[i, j] + P[j, i]) / 2` off the
+    diagonal, 0 on it, with `P` the row-normalised confusion (the share of class i's examples predicted as j;
+    `normalize=False` uses raw counts). Rows of classes with no examples stay 0."""
+    cm = _check_square(cm, "confusion matrix")
+    if normalize:
+        rows = cm.sum(axis=1, keepdims=True)
+        cm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    sim = (cm + cm.T) / 2
+    np.fill_diagonal(sim, 0.0)
+    return sim
+
+
+def group_sizes(num_items: int, num_groups: int) -> list[int]:
+    """Balanced sizes: `num_items % num_groups` groups of size ceil, the rest floor."""
+    base, extra = divmod(num_items, num_groups)
+    return [base + 1 if g < extra else base for g in range(num_groups)]
+
+
+def within_group_similarity(similarity, assignment) -> float:
+    """Sum of similarity over pairs of classes in the same group (each unordered pair once)."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    assignment = np.asarray(assignment)
+    same = assignment[:, None] == assignment[None, :]
+    return float(np.triu(similarity * same, k=1).sum())
+
+
+def _spectral_embedding(similarity: np.ndarray, dim: int) -> np.ndarray:
+    from scipy.linalg import eigh
+
+    n = similarity.shape[0]
+    # a tiny uniform affinity keeps the graph connected (isolated classes) without moving separated blocks apart
+    scale = similarity.sum() / max(n * (n - 1), 1)
+    affinity = similarity + (1e-6 * scale if scale > 0 else 1e-6) * (1 - np.eye(n))
+    degree = affinity.sum(axis=1)
+    inv_sqrt = 1.0 / np.sqrt(degree)
+    normalized = inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
+    # largest eigenvectors of D^-1/2 A D^-1/2 = smallest of the normalised Laplacian
+    _, vectors = eigh(normalized, subset_by_index=[n - dim, n - 1])
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)  # Ng-Jordan-Weiss row normalisation
+
+
+def _balanced_assign(embedding: np.ndarray, centers: np.ndarray, sizes: list[int]) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    slots = np.repeat(np.arange(len(sizes)), sizes)  # one column per seat in a group
+    cost = ((embedding[:, None, :] - centers[None, :, :]) ** 2).sum(-1)[:, slots]
+    rows, cols = linear_sum_assignment(cost)
+    assignment = np.empty(embedding.shape[0], dtype=np.int64)
+    assignment[rows] = slots[cols]
+    return assignment
+
+
+def balanced_partition(similarity, num_groups: int, seed: int = 0, n_init: int = 10, max_iter: int = 50) -> list[int]:
+    """Partition classes into `num_groups` groups whose sizes differ by at most one, keeping similar (confusable)
+    classes together. `similarity` is a symmetric non-negative (num_classes x num_classes) matrix, e.g. from
+    `similarity_graph`. Returns `superclass_ids` (class -> group in [0, num_groups)); group ids are ordered by
+    each group's smallest class id, so the result is deterministic for a given seed."""
+    from scipy.cluster.vq import kmeans2
+
+    sim = _check_square(similarity, "similarity")
+    if not np.allclose(sim, sim.T):
+        raise ValueError("similarity must be symmetric; build it with similarity_graph(confusion_matrix)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    n = sim.shape[0]
+    if num_groups > n:
+        raise ValueError(f"cannot split {n} classes into num_groups={num_groups} non-empty groups (fewer classes "
+                         "than experts); use fewer experts")
+    sim = sim.copy()
+    np.fill_diagonal(sim, 0.0)
+    if num_groups == 1:
+        return [0] * n
+    if num_groups == n:
+        return list(range(n))
+    sizes = group_sizes(n, num_groups)
+    embedding = _spectral_embedding(sim, num_groups)
+    rng = np.random.default_rng(seed)
+    best, best_score = None, -np.inf
+    for _ in range(n_init):
+        centers, _ = kmeans2(embedding, num_groups, minit="++", seed=rng)
+        assignment = _balanced_assign(embedding, centers, sizes)
+        for _ in range(max_iter):
+            centers = np.stack([embedding[assignment == g].mean(axis=0) for g in range(num_groups)])
+            new = _balanced_assign(embedding, centers, sizes)
+            if np.array_equal(new, assignment):
+                break
+            assignment = new
+        score = within_group_similarity(sim, assignment)
+        if score > best_score + 1e-12:
+            best, best_score = assignment, score
+    return _canonical(best)
+
+
+def _canonical(assignment) -> list[int]:
+    """Relabel groups by first appearance so equal partitions give equal lists."""
+    mapping: dict[int, int] = {}
+    return [mapping.setdefault(int(g), len(mapping)) for g in assignment]
+
+
+def superclasses_from_confusion(cm, num_experts: int, seed: int = 0, normalize: bool = True) -> list[int]:
+    """Confusion matrix -> balanced super-classes (one per expert)."""
+    return balanced_partition(similarity_graph(cm, normalize=normalize), num_experts, seed=seed)
+
+
+def superclasses_from_model(model, dataset, num_experts: int, batch_size: int = 64, collate_fn=None,
+                            seed: int = 0, progress: bool = False, soft: bool = False) -> tuple[list[int], np.ndarray]:
+    """A trained (dense) classifier and a held-out dataset -> (superclass_ids, confusion matrix)."""
+    cm = model_confusion_matrix(model, dataset, batch_size=batch_size, collate_fn=collate_fn, progress=progress,
+                                soft=soft)
+    return superclasses_from_confusion(cm, num_experts, seed=seed), cm
+
+
+def set_superclasses(config, superclass_ids: Sequence[int], train_routing: str | None = None):
+    """Store a super-class map in a `VMoEConfig` (validated: one entry per label, ids in [0, num_experts))."""
+    ids = [int(s) for s in superclass_ids]
+    old = (config.superclass_ids, config.train_routing)
+    config.superclass_ids = ids
+    if train_routing is not None:
+        config.train_routing = train_routing
+    try:
+        config.validate_vmoe()
+    except ValueError:
+        config.superclass_ids, config.train_routing = old
+        raise
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Given hierarchies: load / save
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _class_index(class_names: Sequence[str] | None, num_labels: int | None):
+    if class_names is not None:
+        names = [str(c) for c in class_names]
+        if len(set(names)) != len(names):
+            raise ValueError("class_names contains duplicates")
+        return names, {name: i for i, name in enumerate(names)}
+    if num_labels is None:
+        return None, None
+    return [str(i) for i in range(num_labels)], {str(i): i for i in range(num_labels)}
+
+
+def _resolve_class(key, index: dict | None, num_labels: int | None) -> int:
+    key_str = str(key).strip()
+    if index is not None and key_str in index:
+        return index[key_str]
+    try:
+        cid = int(key_str)
+    except ValueError:
+        known = list(index)[:5] if index else []
+        raise ValueError(f"unknown class {key_str!r} in the super-class map (known classes start {known})") from None
+    if num_labels is not None and not 0 <= cid < num_labels:
+        raise ValueError(f"class id {cid} in the super-class map is out of range for {num_labels} classes")
+    return cid
+
+
+def load_superclass_map(path, class_names: Sequence[str] | None = None, num_labels: int | None = None,
+                        num_experts: int | None = None) -> list[int]:
+    """Read a class -> super-class map and return `superclass_ids` (one entry per class, ids 0..S-1).
+
+    Accepted files (classes by name, matched against `class_names`, or by integer id):
+    * JSON `{"superclass_ids": [0, 3, ...]}` (what `save_superclasses` writes; its `groups` are ignored then);
+    * JSON `{"groups": [["cat", "dog"], ["car", "truck"], ...]}` or a JSON list of such lists; groups may also be
+      dicts with a `classes` list (again what `save_superclasses` writes);
+    * JSON `{"cat": "animal", "car": "vehicle", ...}` (super-classes by name or id);
+    * CSV with a header `class,superclass` (other columns ignored; `class_id`/`class_name` also accepted).
+    Super-classes given by name are numbered in order of first appearance; integer ids are kept as they are.
+    Every class must be mapped exactly once. With `num_experts`, the number of super-classes must not exceed it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"super-class file {path!r} does not exist")
+    names, index = _class_index(class_names, num_labels)
+    n = len(names) if names is not None else num_labels
+    pairs: list[tuple[int, object]] = []
+    if path.lower().endswith(".csv"):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            reader.fieldnames = fields
+            preferred = ("class", "class_name", "class_id", "label") if class_names is not None else (
+                "class", "class_id", "class_name", "label")
+            class_col = next((c for c in preferred if c in fields), None)
+            if class_col is None or "superclass" not in fields:
+                raise ValueError(f"{path}: CSV needs a header with 'class' and 'superclass' columns, got {fields}")
+            for row in reader:
+                pairs.append((_resolve_class(row[class_col], index, n), row["superclass"].strip()))
+    else:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if isinstance(data, dict) and "superclass_ids" in data:
+            ids = data["superclass_ids"]
+            pairs = [(c, int(s)) for c, s in enumerate(ids)]
+            if n is not None and len(ids) != n:
+                raise ValueError(f"{path}: superclass_ids has {len(ids)} entries but there are {n} classes")
+        else:
+            groups = data.get("groups") if isinstance(data, dict) and "groups" in data else data
+            if isinstance(groups, list):
+                for g, members in enumerate(groups):
+                    if isinstance(members, dict):
+                        members = members.get("classes", members.get("class_ids"))
+                    if not isinstance(members, list):
+                        raise ValueError(f"{path}: group {g} must be a list of classes, got {members!r}")
+                    pairs += [(_resolve_class(c, index, n), g) for c in members]
+            elif isinstance(groups, dict):
+                pairs = [(_resolve_class(c, index, n), s) for c, s in groups.items()]
+            else:
+                raise ValueError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
+    return _pairs_to_ids(pairs, n, num_experts, path)
+
+
+def _pairs_to_ids(pairs, n, num_experts, source) -> list[int]:
+    if n is None:
+        n = max(c for c, _ in pairs) + 1 if pairs else 0
+    seen: dict[int, object] = {}
+    for c, s in pairs:
+        if c in seen:
+            raise ValueError(f"{source}: class {c} is mapped twice")
+        seen[c] = s
+    missing = [c for c in range(n) if c not in seen]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} classes have no super-class, e.g. class {missing[0]}")
+    values = [seen[c] for c in range(n)]
+    if all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values):
+        ids = [int(v) for v in values]
+        if min(ids) < 0:
+            raise ValueError(f"{source}: super-class ids must be >= 0, got {min(ids)}")
+    else:
+        order: dict[str, int] = {}
+        ids = [order.setdefault(str(v), len(order)) for v in values]
+    count = max(ids) + 1
+    if num_experts is not None and count > num_experts:
+        raise ValueError(f"{source}: {count} super-classes but num_experts={num_experts}; "
+                         "set num_experts to the number of super-classes (one expert per super-class)")
+    return ids
+
+
+def superclass_groups(superclass_ids: Sequence[int], class_names: Sequence[str] | None = None) -> list[list]:
+    """Group members (class names, or ids without names) per super-class."""
+    ids = [int(s) for s in superclass_ids]
+    if class_names is not None and len(class_names) != len(ids):
+        raise ValueError(f"class_names has {len(class_names)} entries but superclass_ids has {len(ids)}")
+    groups = [[] for _ in range(max(ids) + 1 if ids else 0)]
+    for c, s in enumerate(ids):
+        groups[s].append(class_names[c] if class_names is not None else c)
+    return groups
+
+
+def save_superclasses(path, superclass_ids: Sequence[int], class_names: Sequence[str] | None = None,
+                      confusion: np.ndarray | None = None) -> str:
+    """Write the super-classes as JSON (`superclass_ids`, and per group its class ids and names; optionally the
+    confusion matrix it came from) or, for a `.csv` path, a `class_id,class_name,superclass` table. Both read back
+    with `load_superclass_map`."""
+    path = os.fspath(path)
+    ids = [int(s) for s in superclass_ids]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(len(ids))]
+    if len(names) != len(ids):
+        raise ValueError(f"class_names has {len(names)} entries but superclass_ids has {len(ids)}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".csv"):
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class_id", "class_name", "superclass"])
+            writer.writerows([c, names[c], s] for c, s in enumerate(ids))
+        return path
+    groups = [
+        {"superclass": g, "class_ids": [c for c, s in enumerate(ids) if s == g],
+         "classes": [names[c] for c, s in enumerate(ids) if s == g]}
+        for g in range(max(ids) + 1 if ids else 0)
+    ]
+    data = {"num_superclasses": len(groups), "superclass_ids": ids, "groups": groups}
+    if confusion is not None:
+        confusion = np.asarray(confusion)
+        data["confusion_matrix"] = (confusion.astype(int) if np.issubdtype(confusion.dtype, np.integer)
+                                    else confusion.round(4)).tolist()
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+__all__ = [
+    "confusion_matrix",
+    "predict",
+    "model_confusion_matrix",
+    "soft_confusion_matrix",
+    "similarity_graph",
+    "group_sizes",
+    "within_group_similarity",
+    "balanced_partition",
+    "superclasses_from_confusion",
+    "superclasses_from_model",
+    "set_superclasses",
+    "load_superclass_map",
+    "superclass_groups",
+    "save_superclasses",
+]

@@ -1,0 +1,124 @@
+"""Analytic params / FLOPs against brute force: model.parameters() and torch's FlopCounterMode."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_vmoe import VMoEForImageClassification, VMoEModel
+from hf_vmoe.flops import count_flops, count_params, measure_flops
+from hf_vmoe.presets import get_preset, init_experts_from_dense, preset_names, preset_table
+
+CONFIGS = {
+    "dense": dict(moe_layers="none"),
+    "image_shared_router": dict(),
+    "image_per_layer_router_k2_shared_expert": dict(shared_router=False, num_experts_per_tok=2, num_shared_experts=1,
+                                                   shared_expert_intermediate_size=16),
+    "token_k2_every2": dict(routing_level="token", num_experts_per_tok=2, moe_layers="every:2"),
+    "token_shared_experts_cls_mean_layerscale": dict(routing_level="token", num_shared_experts=2, pooling="cls_mean",
+                                                     layerscale_value=0.1, qkv_bias=False),
+    "image_narrow_experts_all_blocks": dict(moe_layers="all", expert_intermediate_size=24, num_experts=3,
+                                            patch_size=4),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_params_match_the_model(name):
+    config = tiny_config(**CONFIGS[name])
+    model = VMoEForImageClassification(config)
+    total, active = count_params(config)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert count_params(config, head=None)[0] == sum(p.numel() for p in VMoEModel(config).parameters())
+    if config.is_moe:
+        per_expert = 2 * config.hidden_size * config.expert_intermediate_size + config.expert_intermediate_size \
+            + config.hidden_size
+        idle = config.num_experts - config.num_experts_per_tok
+        assert total - active == idle * per_expert * len(config.moe_layers)
+    else:
+        assert total == active
+
+
+def brute_force_flops(model, batch):
+    """FlopCounterMode on an eval forward with eager attention and eager experts (so every matmul is visible)."""
+    model.eval()
+    model.set_attn_implementation("eager")
+    if model.config.is_moe:
+        model.set_experts_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=batch)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_flops_match_flop_counter(name):
+    config = tiny_config(**CONFIGS[name])
+    model = VMoEForImageClassification(config)
+    batch = torch.randn(5, 3, 32, 32)
+    assert count_flops(config).flops * 5 == brute_force_flops(model, batch)
+    assert measure_flops(model, batch) == count_flops(config).flops
+
+
+def test_image_routing_costs_the_dense_twin_plus_the_router():
+    dense = count_flops(tiny_config(moe_layers="none"))
+    moe = count_flops(tiny_config())
+    assert moe.flops - dense.flops == 2 * 32 * 4  # one shared router: 2 x hidden x experts
+    per_layer = count_flops(tiny_config(shared_router=False))
+    assert per_layer.flops - dense.flops == 2 * (2 * 32 * 4)  # a router in each of the 2 MoE blocks
+    assert moe.flops_all_experts - moe.flops == 3 * 2 * (2 * 2 * 17 * 32 * 64)  # 3 idle experts x 2 blocks
+
+
+def test_flops_at_another_resolution_match_the_counter():
+    config = tiny_config(moe_layers="all")
+    model = VMoEForImageClassification(config).eval()
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.randn(2, 3, 48, 64), interpolate_pos_encoding=True)
+    assert count_flops(config, image_size=(48, 64)).flops * 2 == counter.get_total_flops()
+    with pytest.raises(ValueError, match="divisible"):
+        count_flops(config, image_size=30)
+
+
+def test_presets_and_paper_sizes():
+    names = preset_names()
+    assert "mobile-vmoe-12x192" in names and "vit-3x64" in names
+    tiny = get_preset("mobile-vmoe-tiny")
+    assert (tiny.num_hidden_layers, tiny.hidden_size, tiny.num_experts, tiny.num_experts_per_tok) == (12, 192, 10, 1)
+    assert tiny.moe_layers == (10, 11) and tiny.shared_router and tiny.routing_level == "image"
+    assert not get_preset("vit-tiny").is_moe
+    # the paper quotes 11.05M params (all experts) and 6.31M active for per-image routing
+    assert round(count_params(tiny)[0] / 1e6, 2) == 11.05
+    assert round(count_params(get_preset("mobile-vmoe-tiny", num_experts_per_tok=2))[1] / 1e6, 2) == 6.31
+    # our reconstruction of the 54M-FLOP model: 53.6M multiply-adds
+    assert count_flops(get_preset("vit-54m")).macs == pytest.approx(54e6, rel=0.01)
+    rows = {r["name"]: r for r in preset_table()}
+    for size in ("12x192", "3x64", "6x96"):
+        dense, moe = rows[f"vit-{size}"], rows[f"mobile-vmoe-{size}"]
+        assert moe["flops"] - dense["flops"] == 2 * dense["width"] * 10  # equal active FLOPs but for the router
+        assert moe["params_total"] > moe["params_active"] == dense["params_active"] + dense["width"] * 10
+    assert get_preset("mobile-vmoe-tiny", num_labels=7, image_size=64, patch_size=8).num_labels == 7
+    assert get_preset("mobile-vmoe-tiny", num_hidden_layers=6).moe_layers == (4, 5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("vit-huge")
+
+
+def test_init_experts_from_dense_reproduces_the_dense_model():
+    dense = VMoEForImageClassification(tiny_config(moe_layers="none")).eval()
+    moe = VMoEForImageClassification(tiny_config(normalize_router_weights=True)).eval()
+    init_experts_from_dense(moe, dense)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(moe(pixel_values=x).logits, dense(pixel_values=x).logits)
+    with pytest.raises(ValueError, match="shape"):
+        init_experts_from_dense(VMoEForImageClassification(tiny_config(hidden_size=64)), dense)
+
+
+def test_cli_presets_and_flops(capsys):
+    from hf_vmoe.cli import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "| mobile-vmoe-12x192 | 12x192 | 10,11 | 10 | 1 | 11.05M | 5.72M |" in out
+    assert "53.6" in out  # the 54M-FLOP reconstruction, in MACs
+    assert main(["flops", "--preset", "mobile-vmoe-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per image: 197" in out and "router" in out
