@@ -191,9 +191,9 @@ def test_no_routing_runs_every_expert_on_every_input(routing, k, monkeypatch):
     calls = []
     original = VMoEExperts.expert_forward
 
-    def counting(self, expert_idx, hidden_states):
+    def counting(self, expert_idx, hidden_states, *args):
         calls.append((id(self), int(expert_idx), hidden_states.shape[0]))
-        return original(self, expert_idx, hidden_states)
+        return original(self, expert_idx, hidden_states, *args)
 
     monkeypatch.setattr(VMoEExperts, "expert_forward", counting)
     for batch in (1, 5):

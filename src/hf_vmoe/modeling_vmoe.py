@@ -23,7 +23,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -361,9 +361,17 @@ class VMoEExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = F.linear(hidden_states, self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
-        return F.linear(self.act_fn(hidden_states), self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
+    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor, params: tuple | None = None) -> torch.Tensor:
+        """One expert's MLP. `params` (from `per_expert_params`) holds the stacked weights unbound per expert: a loop
+        over experts that indexes through it builds one gradient buffer per parameter in backward instead of one
+        full-size (E, ...) buffer per expert (what indexing the stacked parameter once per expert costs)."""
+        if params is None:
+            params = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
+        up, up_bias, down, down_bias = (p[expert_idx] for p in params)
+        return F.linear(self.act_fn(F.linear(hidden_states, up, up_bias)), down, down_bias)
+
+    def per_expert_params(self) -> tuple:
+        return tuple(p.unbind(0) for p in (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Token routing, the `eager` experts backend. hidden_states (T, H); top_k_index / top_k_weights (T, k).
@@ -371,7 +379,11 @@ class VMoEExperts(nn.Module):
         sorted by expert once, each expert gathers its tokens, scales its output by their combine weights and adds
         it into the result (experts in ascending order, so the sum order is fixed). One host sync (the per-expert
         counts). On CPU this is the fastest backend (see docs_perf.md): it adds the biases inside the matmul
-        instead of gathering one bias row per assignment as `grouped_mm` does."""
+        instead of gathering one bias row per assignment as `grouped_mm` does. Under torch.compile (where the
+        data-dependent loop would break the graph) it hands over to transformers' `grouped_mm` path, which compiles
+        with `fullgraph=True` (same arithmetic)."""
+        if torch.compiler.is_compiling() and not _is_exporting():
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
         final_hidden_states = torch.zeros_like(hidden_states)
         if num_tokens == 0:
@@ -382,13 +394,14 @@ class VMoEExperts(nn.Module):
             counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
             token_of = order // top_k
         sorted_weights = top_k_weights.reshape(-1)[order]
+        params = self.per_expert_params()
         start = 0
         for expert_idx, count in enumerate(counts):
             if not count:
                 continue
             end = start + count
             tokens = token_of[start:end]
-            current = self.expert_forward(expert_idx, hidden_states.index_select(0, tokens))
+            current = self.expert_forward(expert_idx, hidden_states.index_select(0, tokens), params)
             current = current * sorted_weights[start:end, None].to(current.dtype)
             final_hidden_states.index_add_(0, tokens, current.to(final_hidden_states.dtype))
             start = end
@@ -408,6 +421,8 @@ class VMoEExperts(nn.Module):
         weights = top_k_weights.to(hidden_states.dtype)
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting():
             return self._forward_images_gathered(hidden_states, top_k_index, weights)
+        if batch_size == 1 and top_k == 1:  # one image, one expert: a plain MLP call
+            return self.expert_forward(int(top_k_index[0, 0]), hidden_states) * weights[:, :, None]
         flat_index = top_k_index.reshape(-1)
         with torch.no_grad():
             order = torch.argsort(flat_index, stable=True)
@@ -416,14 +431,16 @@ class VMoEExperts(nn.Module):
         sorted_weights = weights.reshape(-1)[order, None, None]
         if top_k == 1 and max(counts) == batch_size:  # one expert for the whole batch: no gather, no scatter
             return self.expert_forward(counts.index(batch_size), hidden_states) * weights[:, :, None]
-        out = hidden_states.new_empty(hidden_states.shape) if top_k == 1 else hidden_states.new_zeros(hidden_states.shape)
+        out = (hidden_states.new_empty if top_k == 1 else hidden_states.new_zeros)(hidden_states.shape)
+        params = self.per_expert_params()
         start = 0
         for expert_idx, count in enumerate(counts):
             if not count:
                 continue
             end = start + count
             images = image_of[start:end]
-            current = self.expert_forward(expert_idx, hidden_states.index_select(0, images)) * sorted_weights[start:end]
+            current = self.expert_forward(expert_idx, hidden_states.index_select(0, images), params)
+            current = current * sorted_weights[start:end]
             if top_k == 1:
                 out.index_copy_(0, images, current)
             else:
@@ -438,7 +455,8 @@ class VMoEExperts(nn.Module):
         for slot in range(top_k_index.shape[1]):
             idx = top_k_index[:, slot]
             h = torch.baddbmm(self.up_proj_bias[idx].unsqueeze(1), hidden_states, self.up_proj[idx].transpose(1, 2))
-            h = torch.baddbmm(self.down_proj_bias[idx].unsqueeze(1), self.act_fn(h), self.down_proj[idx].transpose(1, 2))
+            down, down_bias = self.down_proj[idx].transpose(1, 2), self.down_proj_bias[idx].unsqueeze(1)
+            h = torch.baddbmm(down_bias, self.act_fn(h), down)
             h = h * weights[:, slot, None, None]
             out = h if out is None else out + h
         return out

@@ -1,0 +1,90 @@
+"""Run every speed / memory benchmark (each in a fresh process) and write benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py            # full run, about 10-15 minutes on a quiet 2-core machine
+    python benchmarks/run_all.py --quick    # smoke run, a few minutes, noisy figures
+    python benchmarks/run_all.py --only inference moe_layer
+    BENCH_THREADS=1 python benchmarks/run_all.py   # pin torch to one thread on a shared machine
+
+JSON results and per-benchmark markdown go to benchmarks/results/; RESULTS.md gathers the markdown and a goals
+table. `bench_export.py` (ONNX / torch.export) is not part of this run.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHES = {  # name -> (script, result file stem)
+    "inference": ("bench_inference.py", "inference"),
+    "moe_layer": ("bench_moe_layer.py", "moe_layer"),
+    "train": ("bench_train.py", "train_step"),
+    "memory": ("bench_memory.py", "memory"),
+    "compile": ("bench_compile.py", "compile"),
+}
+
+
+def goals_table() -> str:
+    def load(stem):
+        path = RESULTS / f"{stem}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    rows = []
+    inf, train, comp = load("inference"), load("train_step"), load("compile")
+    if inf:
+        g = inf["goals"]
+        rows.append(("image routing / dense ViT throughput, batch 32", ">= 0.97", g["image_vs_dense_batch32"]))
+        rows.append(("image routing / dense ViT throughput, batch 1", ">= 0.97", g["image_vs_dense_batch1"]))
+        rows.append(("token routing (E=8, k=2, all blocks) / ViT MLP 1536, batch 32", ">= 0.85",
+                     g["token_vs_dense2x_batch32"]))
+        rows.append(("Mobile V-MoE-Tiny eager, fraction of matmul peak, batch 32", ">= 0.70",
+                     g["eager_fraction_of_peak_batch32"]))
+    if comp and "32" in comp.get("image", {}):
+        frac = comp["image"]["32"]["fraction_of_peak"]
+        rows.append(("Mobile V-MoE-Tiny compiled, fraction of matmul peak, batch 32", ">= 0.70",
+                     {"value": frac, "met": frac >= 0.70}))
+    if train:
+        rows.append(("image routing train step / dense", "<= 1.10", train["goals"]["image_train_step_vs_dense"]))
+    lines = ["| goal | target | measured | status |", "|---|---|---|---|"]
+    for name, target, g in rows:
+        lines.append(f"| {name} | {target} | {g['value']:.3f} | {'met' if g['met'] else 'NOT met'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=list(BENCHES), default=None)
+    args = parser.parse_args(argv)
+    names = args.only or list(BENCHES)
+    timings = {}
+    for name in names:
+        script, _ = BENCHES[name]
+        cmd = [sys.executable, str(HERE / script)] + (["--quick"] if args.quick else [])
+        print(f"=== {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=HERE)
+        timings[name] = time.perf_counter() - start
+    sections = []
+    for name, (_, stem) in BENCHES.items():
+        md = RESULTS / f"{stem}.md"
+        if md.exists():
+            sections.append(md.read_text().strip())
+    text = "\n\n".join([
+        "# Benchmark results",
+        "Written by `python benchmarks/run_all.py`" + (" --quick (smoke run: noisy figures)" if args.quick else "")
+        + ". Method and discussion: docs_perf.md. Throughput ratios are ours / dense (higher is better); time "
+          "ratios are MoE / dense (lower is better); all are medians of per-round ratios of interleaved runs.",
+        "## Goals",
+        goals_table(),
+        *sections,
+    ])
+    (HERE / "RESULTS.md").write_text(text + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'} ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+
+
+if __name__ == "__main__":
+    main()
