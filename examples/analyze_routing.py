@@ -24,9 +24,13 @@ from transformers import AutoConfig
 
 import hf_vmoe
 from hf_vmoe.analysis import DEFAULT_THRESHOLD, PATCH_LABELS, collect_routing
-from hf_vmoe.segmentation import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, find_ade_pairs
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from hf_vmoe.segmentation import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationTransform,
+    find_ade_pairs,
+)
 
 
 def parse_args(argv=None):
@@ -57,7 +61,21 @@ def load_model(path):
     return model_class.from_pretrained(path), task
 
 
-def classification_batches(data_dir, model, size, batch_size, max_samples):
+def normalisation(path):
+    """(mean, std) of the checkpoint's image processor (preprocessor_config.json), else ImageNet's: the model must
+    see its inputs normalised as in training."""
+    if (Path(path) / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path)
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            return tuple(mean), tuple(std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def classification_batches(data_dir, model, size, batch_size, max_samples, image_mean=IMAGENET_MEAN,
+                           image_std=IMAGENET_STD):
     folders = sorted(p for p in Path(data_dir).iterdir() if p.is_dir())
     label2id = {k: int(v) for k, v in (model.config.label2id or {}).items()}
     files = []
@@ -67,7 +85,7 @@ def classification_batches(data_dir, model, size, batch_size, max_samples):
     if max_samples:
         rng = np.random.default_rng(0)
         files = [files[i] for i in sorted(rng.permutation(len(files))[:max_samples])]
-    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    mean, std = np.array(image_mean, np.float32), np.array(image_std, np.float32)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         pixels = [
@@ -78,9 +96,11 @@ def classification_batches(data_dir, model, size, batch_size, max_samples):
         yield torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()), torch.tensor([lab for _, lab in chunk])
 
 
-def segmentation_batches(data_dir, split, size, batch_size, max_samples, reduce_labels):
+def segmentation_batches(data_dir, split, size, batch_size, max_samples, reduce_labels, image_mean=IMAGENET_MEAN,
+                         image_std=IMAGENET_STD):
     pairs = find_ade_pairs(data_dir, split)[:max_samples]
-    transform = SegmentationTransform(size=size, train=False, reduce_labels=reduce_labels)
+    transform = SegmentationTransform(size=size, train=False, reduce_labels=reduce_labels, image_mean=image_mean,
+                                      image_std=image_std)
     for start in range(0, len(pairs), batch_size):
         items = [transform(Image.open(i), Image.open(a)) for i, a in pairs[start : start + batch_size]]
         yield torch.stack([p for p, _ in items]), torch.stack([lab for _, lab in items])
@@ -93,11 +113,12 @@ def main(argv=None):
     vmoe_config = getattr(model.config, "backbone_config", None) or model.config
     size = args.image_size or vmoe_config.image_size
     size = size if isinstance(size, int) else size[0]
+    mean, std = normalisation(args.model)
     if task == "classification":
-        batches = classification_batches(args.data_dir, model, size, args.batch_size, args.max_samples)
+        batches = classification_batches(args.data_dir, model, size, args.batch_size, args.max_samples, mean, std)
     else:
         batches = segmentation_batches(args.data_dir, args.split, size, args.batch_size, args.max_samples,
-                                       args.reduce_labels)
+                                       args.reduce_labels, mean, std)
     stats = collect_routing(model, batches, patch_label=args.patch_label)
     report = stats.report(args.output_dir, threshold=args.threshold)
     short = {layer: {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}

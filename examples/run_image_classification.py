@@ -39,12 +39,14 @@ from transformers import (
     set_seed,
 )
 
-import hf_vmoe
+import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
 from hf_vmoe.callbacks import RouterStatsCallback
-from hf_vmoe.presets import get_preset, init_experts_from_dense
+from hf_vmoe.data_utils import metric_path, parse_config_overrides, size_dict
+from hf_vmoe.presets import get_preset
 from hf_vmoe.superclasses import load_superclass_map, model_confusion_matrix, save_superclasses
 from hf_vmoe.superclasses import set_superclasses, superclass_groups, superclasses_from_confusion
+from hf_vmoe.upcycling import init_experts_from_dense
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +93,7 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Allow a new classifier head."})
 
 
-def parse_overrides(text):
-    """'a=1,b=last:2,c=0.1,d=true' -> {'a': 1, 'b': 'last:2', 'c': 0.1, 'd': True}."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value")
-        key, value = (s.strip() for s in item.split("=", 1))
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False, "none": None}.get(value.lower(), value)
-        out[key] = value
-    return out
+parse_overrides = parse_config_overrides  # 'a=1,b=last:2,c=0.1,d=true' -> {'a': 1, 'b': 'last:2', ...}
 
 
 def random_resized_crop(image, size, rng, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -176,11 +162,11 @@ def build_processor(model_args, config):
         if path:
             try:
                 processor = AutoImageProcessor.from_pretrained(path)
-                processor.size = {"height": config.image_size, "width": config.image_size}
+                processor.size = size_dict(config.image_size)
                 return processor
             except (OSError, ValueError):
                 pass
-    return VMoEImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    return VMoEImageProcessor(size=size_dict(config.image_size))
 
 
 def main(argv=None):
@@ -227,7 +213,7 @@ def main(argv=None):
     train_dataset = dataset["train"].with_transform(train_transforms)
     eval_dataset = dataset["validation"].with_transform(eval_transforms)
 
-    metric = evaluate.load(os.path.join(os.path.dirname(hf_vmoe.__file__), "metrics", "accuracy"))
+    metric = evaluate.load(metric_path("accuracy"))
 
     def compute_metrics(eval_pred):
         return metric.compute(predictions=np.argmax(eval_pred.predictions, axis=1), references=eval_pred.label_ids)

@@ -19,7 +19,6 @@ features of four blocks (hf_vmoe.segmentation.VMoEUperNetForSemanticSegmentation
 Metrics: mean IoU / mean accuracy / overall accuracy (+ per-class IoU) from the package's offline `evaluate` module.
 """
 
-import json
 import logging
 import os
 import random
@@ -35,6 +34,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, default_d
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
+from hf_vmoe.data_utils import parse_config_overrides, parse_moe_layers_arg
 from hf_vmoe.segmentation import (
     SegmentationTransform,
     VMoEUperNetForSemanticSegmentation,
@@ -113,27 +113,13 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(default=True, metadata={"help": "Allow a new head when loading a checkpoint."})
 
 
-def _parse_overrides(text: str | None) -> dict:
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config override {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def _moe_kwargs(model_args: ModelArguments) -> dict:
     kwargs = {}
     for name in ("routing_level", "num_experts", "num_experts_per_tok", "num_shared_experts"):
         if getattr(model_args, name) is not None:
             kwargs[name] = getattr(model_args, name)
     if model_args.moe_layers is not None:
-        spec = model_args.moe_layers
-        kwargs["moe_layers"] = tuple(int(i) for i in spec.split(",")) if spec[:1].isdigit() or spec[:1] == "-" else spec
+        kwargs["moe_layers"] = parse_moe_layers_arg(model_args.moe_layers)
     return kwargs
 
 
@@ -170,7 +156,7 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str], crop_size:
     label2id = {v: k for k, v in id2label.items()}
     moe = _moe_kwargs(model_args)
     moe.setdefault("routing_level", "token")
-    overrides = _parse_overrides(model_args.config_overrides)
+    overrides = parse_config_overrides(model_args.config_overrides)
     upernet = model_args.head == "upernet"
     out_indices = (
         [int(i) for i in model_args.upernet_out_indices.split(",")] if model_args.upernet_out_indices else None

@@ -18,6 +18,7 @@ import torch
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEImageProcessor
+from hf_vmoe.data_utils import parse_moe_layers_arg
 from hf_vmoe.upcycling import EXPERT_INITS, TASKS, load_dense_model, upcycle
 
 
@@ -43,8 +44,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    spec = args.moe_layers
-    moe_layers = tuple(int(i) for i in spec.split(",")) if spec[:1].isdigit() or spec[:1] == "-" else spec
+    moe_layers = parse_moe_layers_arg(args.moe_layers)
     extra = {"num_labels": args.num_labels} if args.num_labels else {}
     dense = load_dense_model(args.dense).eval()
     model = upcycle(

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs that run in milliseconds, and the real-data folder (skips when absent)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def tiny_config(**overrides) -> VMoEConfig:
     )
     kwargs.update(overrides)
     return VMoEConfig(**kwargs)
+
+
+def load_example(name: str):
+    """Import `examples/<name>.py` as a module (the example scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

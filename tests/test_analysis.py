@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import load_example, tiny_config
 from hf_vmoe import VMoEConfig, VMoEForImageClassification, VMoEForSemanticSegmentation
 from hf_vmoe.analysis import collect_routing, heatmap_order, plot_heatmap, routing_metrics
 
@@ -167,23 +167,12 @@ def test_errors():
         collect_routing(model, [], patch_label="mode")
 
 
-def _load_example(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_analyze_routing_example(tmp_path):
     from PIL import Image
 
     from test_segmentation_example import make_ade_folder
 
-    script = _load_example("analyze_routing")
+    script = load_example("analyze_routing")
     # classification on an imagefolder
     model = VMoEForImageClassification(tiny_config(routing_level="image", num_labels=2, num_experts=2,
                                                    id2label={0: "cat", 1: "dog"}))
@@ -206,3 +195,13 @@ def test_analyze_routing_example(tmp_path):
                           str(tmp_path / "r2")])
     assert report["unit"] == "token" and report["layers"]["3"]["num_classes_seen"] >= 2
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["recommendation"]["threshold"] == 0.2
+
+
+def test_analyze_routing_normalises_like_the_checkpoint_processor(tmp_path):
+    from hf_vmoe import VMoEImageProcessor
+    from hf_vmoe.segmentation import IMAGENET_MEAN, IMAGENET_STD
+
+    script = load_example("analyze_routing")
+    assert script.normalisation(tmp_path) == (IMAGENET_MEAN, IMAGENET_STD)  # no processor saved: ImageNet
+    VMoEImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(tmp_path)
+    assert script.normalisation(tmp_path) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

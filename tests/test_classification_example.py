@@ -1,26 +1,21 @@
 """examples/run_image_classification.py end to end: dense baseline -> super-classes -> Mobile V-MoE."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_example
 from PIL import Image
 
 from hf_vmoe import VMoEForImageClassification
 from hf_vmoe.cli import main as cli_main
 from hf_vmoe.superclasses import load_superclass_map
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_image_classification.py"
 CLASSES = ["blue", "green", "grey", "red"]  # imagefolder sorts class folders
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("run_image_classification")
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,22 @@ def test_cli_presets_and_flops(capsys):
     assert main(["flops", "--preset", "mobile-vmoe-tiny"]) == 0
     out = capsys.readouterr().out
     assert "tokens per image: 197" in out and "router" in out
+
+
+def test_init_experts_from_dense_noise_is_seeded_and_breaks_symmetry():
+    from hf_vmoe.upcycling import init_experts_from_dense as canonical
+
+    assert canonical is init_experts_from_dense  # one implementation, re-exported by hf_vmoe.presets
+    dense = VMoEForImageClassification(tiny_config(moe_layers="none")).eval()
+    a, b = (init_experts_from_dense(VMoEForImageClassification(tiny_config()), dense, noise_std=0.1, seed=3)
+            for _ in range(2))
+    up_a, up_b = a.vmoe.encoder.layer[-1].mlp.experts.up_proj, b.vmoe.encoder.layer[-1].mlp.experts.up_proj
+    assert torch.equal(up_a, up_b)  # same seed, same experts
+    assert not torch.equal(up_a[0], up_a[1])  # the copies differ
+    dense_w = dense.vmoe.encoder.layer[-1].mlp.fc1.weight
+    relative = (up_a - dense_w).std() / dense_w.std()
+    assert 0.05 < relative < 0.2  # noise_std is relative to the dense weight's std
+    torch.testing.assert_close(a.vmoe.encoder.layer[-1].mlp.experts.up_proj_bias[1],
+                               dense.vmoe.encoder.layer[-1].mlp.fc1.bias)  # biases are not perturbed
+    with pytest.raises(ValueError, match="noise_std"):
+        init_experts_from_dense(VMoEForImageClassification(tiny_config()), dense, noise_std=-1.0)

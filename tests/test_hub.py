@@ -5,14 +5,12 @@ imported it already (conftest imports hf_vmoe, which imports transformers) with 
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import tiny_config
 from hub_server import HubServer

@@ -1,7 +1,6 @@
 """examples/run_semantic_segmentation.py end to end on a generated ADE20K-format folder (real JPEG / PNG files with
 the ADE20K value convention: 0 = other, 1..150 = classes), plus the helpers it uses."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -10,6 +9,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
@@ -22,15 +22,11 @@ from hf_vmoe.segmentation import (
     reduce_ade_labels,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_semantic_segmentation.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8,num_experts=4"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("run_semantic_segmentation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("run_semantic_segmentation")
 
 
 def make_ade_folder(root: Path, n_train=6, n_val=3, classes=(0, 1, 3, 13, 150)) -> Path:
@@ -124,6 +120,7 @@ def test_helpers(tmp_path):
     labels = ade20k_id2label()
     assert len(labels) == 150 and labels[0] == "wall" and labels[149] == "flag"
     np.testing.assert_array_equal(reduce_ade_labels(np.array([0, 1, 150])), [255, 0, 149])
+    np.testing.assert_array_equal(reduce_ade_labels(np.array([255, 254])), [255, 253])  # ignored stays ignored
     (tmp_path / "classes.txt").write_text("0 void\n1 sky\n2 road\n")
     assert read_id2label(tmp_path / "classes.txt") == {0: "sky", 1: "road"}
     assert read_id2label(tmp_path / "classes.txt", reduce_labels=False) == {0: "void", 1: "sky", 2: "road"}

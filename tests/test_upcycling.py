@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import load_example
 from transformers import (
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
@@ -235,14 +236,9 @@ def test_deit_with_dropped_distillation_token(pixels):
 
 
 def test_upcycle_example_script(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "upcycle.py"
-    spec = importlib.util.spec_from_file_location("upcycle_example", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("upcycle")
     dinov2_classifier().save_pretrained(tmp_path / "dense")
     script.main([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num_experts", "4", "--num_shared_experts", "1",
                  "--moe_layers", "1,2", "--image_size", "48", "--check"])

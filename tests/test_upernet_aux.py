@@ -1,16 +1,14 @@
 """UperNet on a VMoE backbone: the thin subclass keeps the MoE aux loss that stock UperNet drops."""
 
 import torch
+from conftest import tiny_config
 from transformers import UperNetForSemanticSegmentation
 
-from hf_vmoe import VMoEConfig
 from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
 
 
 def test_upernet_keeps_aux_loss():
-    backbone = VMoEConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                          image_size=32, patch_size=8, routing_level="token", num_experts=4, num_shared_experts=1,
-                          moe_layers="all", router_aux_loss_coef=0.5)
+    backbone = tiny_config(routing_level="token", num_shared_experts=1, moe_layers="all", router_aux_loss_coef=0.5)
     config = vmoe_upernet_config(backbone, hidden_size=16, num_labels=3)
     assert config.backbone_config.out_indices == [1, 2, 3, 4]
     ours = VMoEUperNetForSemanticSegmentation(config).eval()
@@ -30,8 +28,7 @@ def test_upernet_keeps_aux_loss():
 
 
 def test_dense_backbone_behaves_like_stock(tmp_path):
-    backbone = VMoEConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                          image_size=32, patch_size=8, moe_layers="none")
+    backbone = tiny_config(moe_layers="none")
     config = vmoe_upernet_config(backbone, out_indices=[2, 4], hidden_size=16, num_labels=3, use_auxiliary_head=False)
     ours = VMoEUperNetForSemanticSegmentation(config).eval()
     x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))

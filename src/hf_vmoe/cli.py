@@ -113,6 +113,7 @@ def cmd_superclasses(args):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        from .data_utils import size_dict
         from .image_processing_vmoe import VMoEImageProcessor
         from .superclasses import model_confusion_matrix
 
@@ -120,8 +121,7 @@ def cmd_superclasses(args):
         try:
             processor = AutoImageProcessor.from_pretrained(args.model)
         except (OSError, ValueError):
-            size = model.config.image_size
-            processor = VMoEImageProcessor(size={"height": size, "width": size})
+            processor = VMoEImageProcessor(size=size_dict(model.config.image_size))
         dataset, names = _imagefolder_dataset(args, processor)
         names = names or [model.config.id2label[i] for i in range(model.config.num_labels)]
         if len(names) != model.config.num_labels:

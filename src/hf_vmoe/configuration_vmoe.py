@@ -281,11 +281,17 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"superclass_ids[{c}] = {s} is out of range: super-classes must be in [0, num_experts={self.num_experts})"
                 )
             if self.routing_level != "image":
-                raise ValueError("superclass_ids (super-class guided routing) needs routing_level='image'")
+                raise ValueError(
+                    "superclass_ids (super-class guided routing) needs routing_level='image', "
+                    f"got {self.routing_level!r}"
+                )
         if self.train_routing == "superclass" and self.superclass_ids is None:
             raise ValueError("train_routing='superclass' needs superclass_ids")
         if self.train_routing == "superclass" and not self.shared_router:
-            raise ValueError("train_routing='superclass' needs shared_router=True (one routing decision per image)")
+            raise ValueError(
+                "train_routing='superclass' needs shared_router=True (one routing decision per image), "
+                f"got {self.shared_router!r}"
+            )
         if experts_implementation == "grouped_mm" and self.is_moe:
             # torch's CPU grouped_mm needs 16-byte aligned strides: widths must be multiples of 8 (fp32 and bf16)
             bad = {n: getattr(self, n) for n in ("hidden_size", "expert_intermediate_size") if getattr(self, n) % 8}

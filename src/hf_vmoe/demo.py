@@ -204,7 +204,7 @@ def _run(args, t0) -> dict:
     from .callbacks import RouterStatsCallback
     from .flops import count_flops, format_count, measure_flops
     from .modeling_vmoe import VMoEForImageClassification
-    from .presets import init_experts_from_dense
+    from .upcycling import init_experts_from_dense
     from .superclasses import model_confusion_matrix, save_superclasses, superclass_groups, superclasses_from_confusion
 
     torch.manual_seed(args.seed)

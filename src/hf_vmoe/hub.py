@@ -10,7 +10,7 @@ and the card into one folder and uploads it as a single commit. Offline (`HF_HUB
 anything is written, locally or remotely.
 
 The card is built from the config: routing level, experts, k, MoE layers, total and active parameters (and FLOPs
-when `hf_vmoe.flops` is available), the super-class map, intended use, limitations and the citations of Mobile
+from `hf_vmoe.flops`), the super-class map, intended use, limitations and the citations of Mobile
 V-MoE (Daxberger et al. 2023) and ViMoE (Han et al. 2024). It says plainly when the weights are untrained.
 
 CLI: `python -m hf_vmoe.hub card --preset mobile-vmoe-tiny --repo-id org/mobile-vmoe-tiny --out model_cards/...`
@@ -19,7 +19,6 @@ CLI: `python -m hf_vmoe.hub card --preset mobile-vmoe-tiny --repo-id org/mobile-
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import tempfile
 from collections import Counter
@@ -30,6 +29,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .configuration_vmoe import VMoEConfig
+from .flops import count_flops, count_params, format_count
 
 UNTRAINED = "randomly initialised (no trained weights yet)"
 
@@ -51,24 +51,11 @@ CITATIONS = r"""```bibtex
 }
 ```"""
 
-# Fallback presets when `hf_vmoe.presets` is unavailable. Mobile V-MoE-Tiny is the config default (ViT-Tiny
-# 12 x 192, 10 experts, k = 1, the last two blocks MoE, one shared per-image router).
-PRESETS: dict[str, dict] = {
-    "mobile-vmoe-tiny": dict(num_labels=1000),
-}
-
-
 def preset_config(name: str) -> VMoEConfig:
-    """The config of a named preset: `hf_vmoe.presets.get_preset` when that module exists, else `PRESETS`."""
-    try:
-        from .presets import get_preset
-    except ImportError:
-        get_preset = None
-    if get_preset is not None:
-        return get_preset(name)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return VMoEConfig(**PRESETS[name])
+    """The config of a named preset (`hf_vmoe.presets.get_preset`)."""
+    from .presets import get_preset
+
+    return get_preset(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,47 +63,23 @@ def preset_config(name: str) -> VMoEConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _expert_params(config: VMoEConfig) -> int:
-    """Parameters of one routed expert (fc1 + fc2 with biases)."""
-    h, i = config.hidden_size, config.expert_intermediate_size
-    return 2 * h * i + i + h
-
-
 def count_parameters(model_or_config) -> dict[str, int]:
     """Total parameters and the parameters active for one input (image routing: per image; token routing: per
     token). Only routed experts are inactive: a MoE block uses k of its E experts. From a model the total is the
-    exact `numel` sum; from a config the model is built on the meta device to count it."""
+    exact `numel` sum (any head); from a config it is `hf_vmoe.flops.count_params` (the classification model)."""
     if isinstance(model_or_config, VMoEConfig):
-        config = model_or_config
-        import torch
-
-        from .modeling_vmoe import VMoEForImageClassification
-
-        with torch.device("meta"):
-            model = VMoEForImageClassification(config)
-    else:
-        model, config = model_or_config, model_or_config.config
+        total, active = count_params(model_or_config)
+        return {"total": int(total), "active": int(active)}
+    model, config = model_or_config, model_or_config.config
     total = sum(p.numel() for p in model.parameters())
-    inactive_per_layer = (config.num_experts - config.num_experts_per_tok) * _expert_params(config)
-    active = total - len(config.moe_layers) * inactive_per_layer
-    return {"total": int(total), "active": int(active)}
+    base_total, base_active = count_params(config, head=None)  # the idle experts do not depend on the head
+    return {"total": int(total), "active": int(total - (base_total - base_active))}
 
 
-def _flops(config: VMoEConfig) -> dict | None:
-    """Per-image FLOPs from `hf_vmoe.flops.count_flops` (2 x MACs, see that module); None if it is unavailable."""
-    try:
-        from .flops import count_flops
-    except ImportError:
-        return None
+def _flops(config: VMoEConfig) -> dict:
+    """Per-image FLOPs from `hf_vmoe.flops.count_flops` (2 x MACs, see that module)."""
     cost = count_flops(config)
-    return {"flops": int(cost.flops), "macs": int(cost.flops // 2), "flops_all_experts": int(cost.flops_all_experts)}
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
+    return {"flops": int(cost.flops), "macs": int(cost.macs), "flops_all_experts": int(cost.flops_all_experts)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,9 +149,7 @@ def architecture_summary(config: VMoEConfig) -> dict:
         "total_params": params["total"],
         "active_params": params["active"],
     }
-    flops = _flops(config)
-    if flops:
-        summary["flops"] = flops
+    summary["flops"] = _flops(config)
     return summary
 
 
@@ -247,12 +208,10 @@ def build_model_card(
         if config.num_shared_experts
         else "none"
     )
-    flops = arch.get("flops")
+    flops = arch["flops"]
     flops_line = (
-        f"{_human(flops['flops'])} per image at inference ({_human(flops['macs'])} MACs); "
-        f"{_human(flops['flops_all_experts'])} if every expert ran (analytic, `hf_vmoe.flops.count_flops`)"
-        if flops
-        else "not computed here (`hf_vmoe.flops` not available when this card was generated)"
+        f"{format_count(flops['flops'])} per image at inference ({format_count(flops['macs'])} MACs); "
+        f"{format_count(flops['flops_all_experts'])} if every expert ran (analytic, `hf_vmoe.flops.count_flops`)"
     )
     weights = trained_on or UNTRAINED
     status = (
@@ -284,7 +243,7 @@ A sparse Vision Mixture-of-Experts Transformer ({config.num_hidden_layers} x {co
 | experts per MoE block | {config.num_experts} (k = {config.num_experts_per_tok}), width {config.expert_intermediate_size} |
 | MoE blocks | {list(config.moe_layers)} of {config.num_hidden_layers} |
 | shared experts | {shared} |
-| parameters | {_human(arch['total_params'])} total, {_human(arch['active_params'])} active per {'image' if config.routing_level == 'image' else 'token'} ({arch['total_params']:,} / {arch['active_params']:,}) |
+| parameters | {format_count(arch['total_params'])} total, {format_count(arch['active_params'])} active per {'image' if config.routing_level == 'image' else 'token'} ({arch['total_params']:,} / {arch['active_params']:,}) |
 | FLOPs | {flops_line} |
 | labels | {config.num_labels} |
 
@@ -303,8 +262,8 @@ inputs = processor(images=image, return_tensors="pt")
 predicted = model(**inputs).logits.argmax(-1)
 ```
 
-With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `outputs.expert_counts` tells
-which experts each MoE block used; `output_router_logits=True` returns the router logits.
+With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `outputs.expert_counts` counts
+the items each expert received (one row per router call); `output_router_logits=True` returns the router logits.
 
 ## Intended use
 
@@ -411,9 +370,9 @@ def main(argv=None):
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 __all__ = ["build_model_card", "publish", "count_parameters", "architecture_summary", "superclass_summary",
            "preset_config", "CITATIONS"]
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ parameters in total (11.05M), and 6,311,080 active per image with k=2 (6.31M; 5.
 from __future__ import annotations
 
 from .configuration_vmoe import VMoEConfig
+from .upcycling import init_experts_from_dense  # noqa: F401  (re-exported; it lives with the other upcycling code)
 
 # name -> (layers, width, heads); the order is the table's order
 _SIZES = {
@@ -151,44 +152,6 @@ def format_preset_table(rows: list[dict], markdown: bool = True) -> str:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head)] + [fmt.format(*line) for line in lines])
-
-
-def init_experts_from_dense(moe_model, dense_model, noise_std: float = 0.0, seed: int | None = None):
-    """Initialise a VMoE (MoE) model from a trained dense VMoE twin (same shapes, `moe_layers="none"`): every
-    weight is copied and, in each MoE block, every expert becomes a copy of the dense MLP (sparse upcycling);
-    routers keep their fresh initialisation. `noise_std` (relative to each weight's std) perturbs the copies so
-    experts can diverge. With `normalize_router_weights=True` and k=1 the result computes the dense function.
-    For transformers ViT / DeiT / DINOv2 checkpoints use `hf_vmoe.upcycling.upcycle`. Returns `moe_model`."""
-    import torch
-
-    dense_state = dense_model.state_dict()
-    target = moe_model.state_dict()
-    new_state = {}
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for name, value in dense_state.items():
-        if name in target:
-            if target[name].shape != value.shape:
-                raise ValueError(f"{name}: dense shape {tuple(value.shape)} != MoE shape {tuple(target[name].shape)}")
-            new_state[name] = value
-            continue
-        prefix, _, leaf = name.rpartition(".mlp.")
-        mapping = {"fc1.weight": "experts.up_proj", "fc1.bias": "experts.up_proj_bias",
-                   "fc2.weight": "experts.down_proj", "fc2.bias": "experts.down_proj_bias"}
-        if not prefix or leaf not in mapping or f"{prefix}.mlp.{mapping[leaf]}" not in target:
-            raise ValueError(f"dense weight {name} has no place in the MoE model (is it the dense twin?)")
-        key = f"{prefix}.mlp.{mapping[leaf]}"
-        if target[key].shape[1:] != value.shape:
-            raise ValueError(f"{name}: dense shape {tuple(value.shape)} does not fit expert shape {tuple(target[key].shape)}")
-        tiled = value.unsqueeze(0).repeat(target[key].shape[0], *([1] * value.ndim)).clone()
-        if noise_std and value.ndim == 2:
-            noise = torch.randn(tiled.shape, generator=generator, dtype=tiled.dtype)
-            tiled = tiled + noise.to(tiled.device) * noise_std * value.std()
-        new_state[key] = tiled
-    missing = [k for k in target if k not in new_state and "router" not in k]
-    if missing:
-        raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE model")
-    moe_model.load_state_dict(new_state, strict=False)
-    return moe_model
 
 
 __all__ = ["get_preset", "init_experts_from_dense", "preset_kwargs", "preset_names", "preset_table", "format_preset_table",

@@ -29,6 +29,7 @@ from transformers import UperNetConfig, UperNetForSemanticSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_vmoe import VMoEConfig
+from .data_utils import metric_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IGNORE_INDEX = 255
@@ -68,7 +69,9 @@ class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
         **kwargs,
     ):
         if labels is not None and self.config.num_labels == 1:
-            raise ValueError("The number of labels should be greater than one")
+            raise ValueError(
+                f"The number of labels should be greater than one, got num_labels={self.config.num_labels}"
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -130,7 +133,7 @@ def vmoe_upernet_config(
 
 def mean_iou_metric_path() -> str:
     """Directory of the offline mean-IoU `evaluate` module shipped with the package: `evaluate.load(path)`."""
-    return str(resources.files("hf_vmoe").joinpath("metrics/mean_iou"))
+    return metric_path("mean_iou")
 
 
 def ade20k_id2label() -> dict[int, str]:
@@ -168,9 +171,10 @@ def read_id2label(path: str | os.PathLike, reduce_labels: bool = True) -> dict[i
 
 
 def reduce_ade_labels(label: np.ndarray) -> np.ndarray:
-    """ADE20K `reduce_labels`: 0 (other) -> 255 (ignored), k -> k - 1."""
+    """ADE20K `reduce_labels`: 0 (other) -> 255 (ignored), k -> k - 1; 255 (already ignored) stays 255, as in
+    transformers' image processors."""
     label = np.asarray(label).astype(np.int64)
-    return np.where(label == 0, IGNORE_INDEX, label - 1).astype(np.uint8)
+    return np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------

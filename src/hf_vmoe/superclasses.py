@@ -288,7 +288,8 @@ def _class_index(class_names: Sequence[str] | None, num_labels: int | None):
     if class_names is not None:
         names = [str(c) for c in class_names]
         if len(set(names)) != len(names):
-            raise ValueError("class_names contains duplicates")
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"class_names contains duplicates: {duplicates}")
         return names, {name: i for i, name in enumerate(names)}
     if num_labels is None:
         return None, None

@@ -15,8 +15,9 @@ outputs are both halved (their ``down_proj`` / ``fc2`` weights and biases), so t
 Routers start from the model's random initialisation. Because the config is set to
 ``normalize_router_weights=True`` (the top-k combine weights sum to one) and all experts are identical, the
 upcycled model computes exactly the dense function whatever the router says; training then lets experts diverge.
-Note that with ``k=1`` and normalised weights the combine weight is always 1, so the router learns only through
-the auxiliary (balancing / z) losses until experts differ; ``k=2`` gives the router a task gradient from the start.
+Note that with ``k=1`` and normalised weights the combine weight is always 1, so the router never gets a gradient
+from the task loss (even once the experts differ) and learns only through the auxiliary (balancing / z / super-class)
+losses; ``k=2`` gives the router a task gradient.
 
 Entry point: :func:`upcycle` (a model object or a local checkpoint directory in, a VMoE model out).
 
@@ -103,26 +104,26 @@ def _base_and_head(dense: nn.Module):
     return base, classifier, "classifier" if classifier is not None else None
 
 
+def _get_path(module: nn.Module, path: str):
+    """`module.a.b` for `path="a.b"`, or None when an attribute on the way is missing."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
 def _layers(base: nn.Module) -> list[nn.Module]:
     for path in ("layers", "encoder.layer", "encoder.layers"):
-        module = base
-        try:
-            for part in path.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
-        return list(module)
+        module = _get_path(base, path)
+        if module is not None:
+            return list(module)
     raise ValueError(f"cannot find the transformer blocks of {type(base).__name__}")
 
 
 def _first_attr(module: nn.Module, *names: str) -> nn.Module:
     for name in names:
-        obj = module
-        try:
-            for part in name.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
+        obj = _get_path(module, name)
         if obj is not None:
             return obj
     raise ValueError(f"{type(module).__name__} has none of {names}; unsupported transformers version or model")
@@ -236,7 +237,7 @@ def _position_embeddings(dense_base: nn.Module, config: VMoEConfig, drop_distill
     height, width = _pair(config.image_size)
     patch = _pair(config.patch_size)
     num_patches = (height // patch[0]) * (width // patch[1])
-    dense_grid = _pair(getattr(dense_base.config, "image_size"))
+    dense_grid = _pair(dense_base.config.image_size)
     same_size = (height, width) == dense_grid and pos.shape[1] - num_special == num_patches
     if not same_size:
         dummy = pos.new_zeros(1, num_special + num_patches, pos.shape[-1])
@@ -272,10 +273,17 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
     tensors = {"up_proj": up, "up_proj_bias": up_bias, "down_proj": down, "down_proj_bias": down_bias}
     if noise_std > 0:
         for name in ("up_proj", "down_proj"):
-            value = tensors[name]
-            noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=value.device)
-            tensors[name] = value + noise * noise_std * value.std()
+            tensors[name] = _perturb(tensors[name], noise_std, generator)
     return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _perturb(value: torch.Tensor, noise_std: float, generator: torch.Generator | None,
+             reference_std: torch.Tensor | None = None) -> torch.Tensor:
+    """`value` plus Gaussian noise of std `noise_std` times `reference_std` (default: `value.std()`). The noise is
+    drawn on the CPU (where `generator` lives) so that a seed gives the same experts on every device."""
+    reference_std = value.std() if reference_std is None else reference_std
+    noise = torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
+    return value + noise * noise_std * reference_std
 
 
 def _shared_expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, scale: float) -> dict[str, torch.Tensor]:
@@ -448,4 +456,48 @@ def upcycle(
     return model.eval()
 
 
-__all__ = ["upcycle", "upcycled_state_dict", "vmoe_config_from_dense", "load_dense_model"]
+# --------------------------------------------------------------------------------------------------------------
+# From a dense VMoE twin (same package, `moe_layers="none"`)
+# --------------------------------------------------------------------------------------------------------------
+
+_DENSE_TO_EXPERT = {"fc1.weight": "experts.up_proj", "fc1.bias": "experts.up_proj_bias",
+                    "fc2.weight": "experts.down_proj", "fc2.bias": "experts.down_proj_bias"}
+
+
+def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_std: float = 0.0,
+                            seed: int | None = None) -> nn.Module:
+    """Initialise a VMoE (MoE) model from a trained dense VMoE twin (same shapes, `moe_layers="none"`): every
+    weight is copied and, in each MoE block, every expert becomes a copy of the dense MLP (sparse upcycling);
+    routers keep their fresh initialisation. `noise_std` (relative to each dense weight's std) perturbs the copies'
+    weight matrices so experts can diverge. With `normalize_router_weights=True` and k=1 the result computes the
+    dense function. For transformers ViT / DeiT / DINOv2 checkpoints use :func:`upcycle`. Returns `moe_model`."""
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    dense_state = dense_model.state_dict()
+    target = moe_model.state_dict()
+    new_state = {}
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, value in dense_state.items():
+        if name in target:
+            if target[name].shape != value.shape:
+                raise ValueError(f"{name}: dense shape {tuple(value.shape)} != MoE shape {tuple(target[name].shape)}")
+            new_state[name] = value
+            continue
+        prefix, _, leaf = name.rpartition(".mlp.")
+        if not prefix or leaf not in _DENSE_TO_EXPERT or f"{prefix}.mlp.{_DENSE_TO_EXPERT[leaf]}" not in target:
+            raise ValueError(f"dense weight {name} has no place in the MoE model (is it the dense twin?)")
+        key = f"{prefix}.mlp.{_DENSE_TO_EXPERT[leaf]}"
+        if target[key].shape[1:] != value.shape:
+            raise ValueError(f"{name}: dense shape {tuple(value.shape)} does not fit expert shape {tuple(target[key].shape)}")
+        tiled = value.unsqueeze(0).repeat(target[key].shape[0], *([1] * value.ndim))
+        if noise_std and value.ndim == 2:
+            tiled = _perturb(tiled, noise_std, generator, reference_std=value.std())
+        new_state[key] = tiled
+    missing = [k for k in target if k not in new_state and "router" not in k]
+    if missing:
+        raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE model")
+    moe_model.load_state_dict(new_state, strict=False)
+    return moe_model
+
+
+__all__ = ["upcycle", "upcycled_state_dict", "vmoe_config_from_dense", "load_dense_model", "init_experts_from_dense"]
