@@ -118,3 +118,13 @@ def write_report(report_dir, rank: int, model, recorder: RoutingRecorder, extra:
     report = {"rank": rank, "expert_counts": recorder.counts.tolist() if recorder.counts is not None else None,
               "local_aux_losses": recorder.aux, **(extra or {})}
     (out / f"report_rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+def shutdown_distributed():
+    """Barrier, then destroy the process group: without it gloo sometimes aborts at interpreter exit
+    ("terminate called without an active exception") although training finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

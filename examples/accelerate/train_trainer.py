@@ -16,7 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import RoutingRecorder, add_model_args, build_dataset, build_model, force_first_experts, write_report  # noqa: E402
+from common import (  # noqa: E402
+    RoutingRecorder, add_model_args, build_dataset, build_model, force_first_experts, shutdown_distributed, write_report,
+)
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 
@@ -62,3 +64,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
