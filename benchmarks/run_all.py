@@ -76,7 +76,7 @@ def main(argv=None):
     text = "\n\n".join([
         "# Benchmark results",
         "Written by `python benchmarks/run_all.py`" + (" --quick (smoke run: noisy figures)" if args.quick else "")
-        + ". Method and discussion: docs_perf.md. Throughput ratios are ours / dense (higher is better); time "
+        + ". Method and discussion: the README (Performance). Throughput ratios are ours / dense (higher is better); time "
           "ratios are MoE / dense (lower is better); all are medians of per-round ratios of interleaved runs.",
         "## Goals",
         goals_table(),

@@ -1,4 +1,4 @@
-"""Every bad input and the error it raises. The table below is the documentation (see docs_core.md).
+"""Every bad input and the error it raises. The table below is the documentation (see the README (Core model)).
 
 Decisions:
 - float64 / float16 / bfloat16 pixel values are cast to the model's dtype (as transformers' ViT does).

@@ -135,7 +135,7 @@ def test_grouped_mm_width_check():
     assert model.config._experts_implementation == "batched_mm"
     # a dense model has no experts: any width is fine
     tiny_config(moe_layers=(), **odd).validate_vmoe(experts_implementation="grouped_mm")
-    # default backend: eager on CPU-only machines (fastest there, docs_perf.md), grouped_mm when a GPU is present
+    # default backend: eager on CPU-only machines (fastest there, the README (Performance)), grouped_mm when a GPU is present
     expected = "grouped_mm" if torch.cuda.is_available() else "eager"
     assert VMoEForImageClassification(tiny_config(routing_level="token")).config._experts_implementation == expected
 

@@ -101,7 +101,7 @@ def test_committed_card_is_generated_by_the_cli(tmp_path):
     out = tmp_path / "README.md"
     hub_main(["card", "--preset", "mobile-vmoe-tiny", "--repo-id", "hf-vmoe/mobile-vmoe-tiny", "--out", str(out)])
     committed = ROOT / "model_cards" / "mobile-vmoe-tiny" / "README.md"
-    assert committed.read_text() == out.read_text(), "regenerate with the command in docs_hub.md"
+    assert committed.read_text() == out.read_text(), "regenerate with the command in the README (Publishing, multi-process training and device export)"
     assert "no trained checkpoint has been published yet" in committed.read_text()
     meta = _front_matter(committed.read_text())
     assert meta["model_name"] == "mobile-vmoe-tiny"

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/accelerate/fsdp2_cpu.py --routing image --report-dir /tmp/fsdp
 
 Accelerate 1.15 does not give FSDP on CPU: with `cpu=True` (which gloo needs) its state resolves to MULTI_CPU and
-`prepare()` wraps the model in DistributedDataParallel, silently ignoring the FSDP config (see docs_hub.md). This
+`prepare()` wraps the model in DistributedDataParallel, silently ignoring the FSDP config (see the README (Publishing, multi-process training and device export)). This
 script calls FSDP2 directly. The last rank's routers are forced to expert 0, so the other experts idle there.
 """
 

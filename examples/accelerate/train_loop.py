@@ -5,7 +5,7 @@
     accelerate launch --config_file examples/accelerate/cpu_multi_process.yaml examples/accelerate/train_loop.py \
         --tiny --steps 3                                   # 2 CPU processes (gloo), synthetic data
 
-How the MoE quantities are reduced across processes (checked by `--measure-reduction`, see docs_hub.md):
+How the MoE quantities are reduced across processes (checked by `--measure-reduction`, see the README (Publishing, multi-process training and device export)):
 * `outputs.loss` = task loss + aux loss of the *local* batch; each rank back-propagates its own. DDP averages the
   gradients, so the update is the gradient of the mean over ranks of the local losses. The balancing losses are
   products of batch means (fraction routed x mean probability), so the mean of local aux losses is not the aux loss

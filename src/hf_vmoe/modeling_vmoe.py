@@ -378,7 +378,7 @@ class VMoEExperts(nn.Module):
         Each expert runs one matmul pair on exactly the tokens routed to it: the (token, slot) assignments are
         sorted by expert once, each expert gathers its tokens, scales its output by their combine weights and adds
         it into the result (experts in ascending order, so the sum order is fixed). One host sync (the per-expert
-        counts). On CPU this is the fastest backend (see docs_perf.md): it adds the biases inside the matmul
+        counts). On CPU this is the fastest backend (see the README (Performance)): it adds the biases inside the matmul
         instead of gathering one bias row per assignment as `grouped_mm` does. Under torch.compile (where the
         data-dependent loop would break the graph) it hands over to transformers' `grouped_mm` path, which compiles
         with `fullgraph=True` (same arithmetic)."""
@@ -689,7 +689,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         """torch's grouped_mm needs expert widths that are multiples of 8: by default fall back to eager for other
         widths; when grouped_mm is asked for explicitly (`experts_implementation="grouped_mm"` at load or init,
         `set_experts_implementation("grouped_mm")`) raise a ValueError naming the widths.
-        Default (nothing requested): `eager` when no GPU is present (measured fastest on CPU, docs_perf.md), else
+        Default (nothing requested): `eager` when no GPU is present (measured fastest on CPU, the README (Performance)), else
         transformers' default `grouped_mm`."""
         config = self.config
         if requested_experts is None and not torch.cuda.is_available():
