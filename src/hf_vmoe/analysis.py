@@ -202,7 +202,9 @@ class RoutingStats:
         if names is not None:
             summary["class_names"] = list(names)
         config = self.recommended_config(threshold)
-        config.save_pretrained(out_dir / "recommended_config")
+        # config.json only (save_pretrained would also copy the remote-code .py files next to it)
+        (out_dir / "recommended_config").mkdir(parents=True, exist_ok=True)
+        config.to_json_file(out_dir / "recommended_config" / "config.json")
         summary["recommended_config"] = "recommended_config/config.json"
         (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
         return summary
