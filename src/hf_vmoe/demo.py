@@ -108,7 +108,7 @@ def build_configs(args, id2label, superclass_ids):
     moe = VMoEConfig(
         moe_layers=f"last:{args.moe_blocks}", routing_level="image", num_experts=args.num_experts,
         num_experts_per_tok=args.top_k, shared_router=True, router_input="mean", superclass_loss_coef=0.3,
-        superclass_ids=superclass_ids, train_routing="superclass", normalize_router_weights=args.moe_init == "dense",
+        superclass_ids=superclass_ids, train_routing=args.train_routing, normalize_router_weights=args.moe_init == "dense",
         **common,
     )
     return dense, moe
@@ -347,6 +347,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--moe-blocks", type=int, default=DEFAULTS["moe_blocks"], help="MoE in the last N blocks")
     parser.add_argument("--moe-init", choices=("scratch", "dense"), default="scratch",
                         help="train the MoE from scratch (paper protocol) or from the dense baseline's weights")
+    parser.add_argument("--train-routing", choices=("router", "superclass"), default="router",
+                        help="route training images by the router (default; it learns the super-classes through the super-class loss) "
+                             "or by their label's super-class (train/test routing mismatch: worse in our runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: this model is too small to gain from more, and extra threads slow it down badly on a busy machine; 0 = torch default)")
     return parser
