@@ -798,8 +798,10 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 "run the image processor first"
             )
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting()):
-            finite = torch.isfinite(pixel_values)
-            if not bool(finite.all()):
+            # one reduction: the sum is NaN/inf whenever an element is (or, harmlessly, if finite values overflow);
+            # only then pay for the elementwise check that counts them. A full isfinite pass cost ~2% at batch 1.
+            finite = torch.isfinite(pixel_values) if not torch.isfinite(pixel_values.sum()) else None
+            if finite is not None and not bool(finite.all()):
                 raise ValueError(
                     f"pixel_values contains {int((~finite).sum())} NaN or infinite values (of {pixel_values.numel()}); "
                     "the router would send such images to arbitrary experts and every output would be NaN"
