@@ -15,6 +15,9 @@ from transformers import (
     AutoModelForSemanticSegmentation,
 )
 
+# the real class, not transformers' top-level name (a dummy that raises when torchvision is absent); pipelines use it
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
 from .configuration_vmoe import VMoEConfig, every_nth_layer, last_layers
 from .image_processing_vmoe import VMoEImageProcessor
 from .modeling_vmoe import (
@@ -33,6 +36,11 @@ AutoModelForImageClassification.register(VMoEConfig, VMoEForImageClassification,
 AutoModelForSemanticSegmentation.register(VMoEConfig, VMoEForSemanticSegmentation, exist_ok=True)
 AutoBackbone.register(VMoEConfig, VMoEBackbone, exist_ok=True)
 AutoImageProcessor.register(VMoEConfig, slow_image_processor_class=VMoEImageProcessor, exist_ok=True)
+# VMoE has no video processor, and says so: pipelines also try `AutoVideoProcessor`, which turns the saved
+# preprocessor's `auto_map["AutoImageProcessor"]` into a remote `...VMoEVideoProcessor` reference and, finding no
+# local entry for VMoEConfig, asks "Do you wish to run the custom code? [y/N]" (blocking ~15 s in a terminal). With
+# an (empty) local entry it resolves to "no remote code needed", finds no class and the pipeline goes on without one.
+AutoVideoProcessor.register(VMoEConfig, video_processor_classes={}, exist_ok=True)
 
 VMoEConfig.register_for_auto_class()
 VMoEModel.register_for_auto_class("AutoModel")
