@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Routing analysis of a trained VMoE (ViMoE): class x expert heatmaps per MoE layer, specialisation scores, and a
-recommended config keeping only the specialised MoE layers.
+recommended config keeping only the specialised MoE layers. The same as `hf-vmoe analyze` (the code lives in
+`hf_vmoe.routing_report`).
 
     # classification, an imagefolder (class sub-folders):
     python examples/analyze_routing.py ./vmoe-tiny-imagenet --data_dir tiny-imagenet-200-subset/validation \
@@ -9,124 +10,18 @@ recommended config keeping only the specialised MoE layers.
     python examples/analyze_routing.py ./vimoe-ade20k --data_dir ADEChallengeData2016 --split validation \
         --reduce_labels --output_dir routing_report
 
-Writes routing_report/report.json, heatmap_layer{i}.png and recommended_config/config.json
-(train it with `VMoEConfig.from_pretrained("routing_report/recommended_config")`).
+Writes routing_report/report.json, heatmap_layer{i}.png, heatmap_layer{i}_rows.csv and
+recommended_config/config.json (train it with `VMoEConfig.from_pretrained("routing_report/recommended_config")`).
 """
 
-import argparse
-import json
-from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image
-from transformers import AutoConfig
-
-import hf_vmoe
-from hf_vmoe.analysis import DEFAULT_THRESHOLD, PATCH_LABELS, collect_routing
-from hf_vmoe.segmentation import (
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SegmentationTransform,
-    find_ade_pairs,
+from hf_vmoe.routing_report import (  # noqa: F401  (re-exported for scripts that import this file)
+    classification_batches,
+    load_model,
+    main,
+    normalisation,
+    parse_args,
+    segmentation_batches,
 )
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="VMoE checkpoint directory (classification, segmentation or VMoE UperNet)")
-    parser.add_argument("--data_dir", required=True, help="imagefolder (classification) or ADE20K-layout folder")
-    parser.add_argument("--split", default="validation", help="ADE20K split sub-folder (segmentation)")
-    parser.add_argument("--task", choices=("auto", "classification", "segmentation"), default="auto")
-    parser.add_argument("--reduce_labels", action="store_true", help="ADE20K labels: 0 -> ignore, k -> k - 1")
-    parser.add_argument("--image_size", type=int, default=None, help="default: the model's image_size")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--patch_label", choices=PATCH_LABELS, default="majority")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    parser.add_argument("--output_dir", default="routing_report")
-    return parser.parse_args(argv)
-
-
-def load_model(path):
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type == "upernet":
-        from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation
-
-        return VMoEUperNetForSemanticSegmentation.from_pretrained(path), "segmentation"
-    architecture = (config.architectures or ["VMoEForImageClassification"])[0]
-    model_class = getattr(hf_vmoe, architecture, hf_vmoe.VMoEForImageClassification)
-    task = "segmentation" if "Segmentation" in architecture else "classification"
-    return model_class.from_pretrained(path), task
-
-
-def normalisation(path):
-    """(mean, std) of the checkpoint's image processor (preprocessor_config.json), else ImageNet's: the model must
-    see its inputs normalised as in training."""
-    if (Path(path) / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(path)
-        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-        if mean is not None and std is not None:
-            return tuple(mean), tuple(std)
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def classification_batches(data_dir, model, size, batch_size, max_samples, image_mean=IMAGENET_MEAN,
-                           image_std=IMAGENET_STD):
-    folders = sorted(p for p in Path(data_dir).iterdir() if p.is_dir())
-    label2id = {k: int(v) for k, v in (model.config.label2id or {}).items()}
-    files = []
-    for i, folder in enumerate(folders):
-        label = label2id.get(folder.name, i)
-        files += [(f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if max_samples:
-        rng = np.random.default_rng(0)
-        files = [files[i] for i in sorted(rng.permutation(len(files))[:max_samples])]
-    mean, std = np.array(image_mean, np.float32), np.array(image_std, np.float32)
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        pixels = [
-            (np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 - mean)
-            / std
-            for f, _ in chunk
-        ]
-        yield torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()), torch.tensor([lab for _, lab in chunk])
-
-
-def segmentation_batches(data_dir, split, size, batch_size, max_samples, reduce_labels, image_mean=IMAGENET_MEAN,
-                         image_std=IMAGENET_STD):
-    pairs = find_ade_pairs(data_dir, split)[:max_samples]
-    transform = SegmentationTransform(size=size, train=False, reduce_labels=reduce_labels, image_mean=image_mean,
-                                      image_std=image_std)
-    for start in range(0, len(pairs), batch_size):
-        items = [transform(Image.open(i), Image.open(a)) for i, a in pairs[start : start + batch_size]]
-        yield torch.stack([p for p, _ in items]), torch.stack([lab for _, lab in items])
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    model, task = load_model(args.model)
-    task = task if args.task == "auto" else args.task
-    vmoe_config = getattr(model.config, "backbone_config", None) or model.config
-    size = args.image_size or vmoe_config.image_size
-    size = size if isinstance(size, int) else size[0]
-    mean, std = normalisation(args.model)
-    if task == "classification":
-        batches = classification_batches(args.data_dir, model, size, args.batch_size, args.max_samples, mean, std)
-    else:
-        batches = segmentation_batches(args.data_dir, args.split, size, args.batch_size, args.max_samples,
-                                       args.reduce_labels, mean, std)
-    stats = collect_routing(model, batches, patch_label=args.patch_label)
-    report = stats.report(args.output_dir, threshold=args.threshold)
-    short = {layer: {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
-             for layer, m in report["layers"].items()}
-    print(json.dumps({"layers": short, "recommendation": report["recommendation"],
-                      "output_dir": args.output_dir}, indent=2))
-    return report
-
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ For every MoE block, `collect_routing` counts how often items of each class go t
   pixels (`patch_label="majority"`, ignoring `ignore_index`) or the label of its centre pixel (`"nearest"`).
 
 With k > 1 each of an item's k assignments counts 1/k. Decisions are read from the routers' top-k outputs (hooks
-on every `VMoETopKRouter`), so they are exactly what the model used at eval time (eval is dropless unless
+on every `VMoERouter`: the plan's assignment mass; Soft MoE: its dispatch weights), so they are exactly what the model used at eval time (eval is dropless unless
 `eval_capacity_factor` is set; dropped assignments are still counted as the router's choice).
 
 Per layer (`RoutingStats.layer_metrics`), from the joint class x expert distribution P(c, e):
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_vmoe import VMoEConfig
-from .modeling_vmoe import VMoEEncoder, VMoETopKRouter
+from .modeling_vmoe import VMoEEncoder, VMoERouter
 
 PATCH_LABELS = ("majority", "nearest")
 DEFAULT_THRESHOLD = 0.2
@@ -96,10 +96,40 @@ def heatmap_order(counts: np.ndarray) -> np.ndarray:
     return seen[order]
 
 
+ROW_LABEL_MAX_ROWS = 240  # rows get class names up to this many classes (the PNG grows to fit them)
+_ROW_INCHES = 0.13  # height per labelled row: fits a 7 pt name
+_MAX_NAME = 28  # longer names are shortened on the plot (the rows CSV keeps them whole)
+
+
+def _short(name: str) -> str:
+    name = str(name)
+    return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 1] + "…"
+
+
+def write_row_order_csv(path: str | os.PathLike, order, matrix: np.ndarray,
+                        class_names: list[str] | None = None) -> Path:
+    """The heatmap's rows, top to bottom: `row,class_id,class_name,preferred_expert,preferred_share`."""
+    import csv
+
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "class_id", "class_name", "preferred_expert", "preferred_share"])
+        for row, (class_id, shares) in enumerate(zip(order, matrix)):
+            name = class_names[class_id] if class_names is not None else ""
+            writer.writerow([row, int(class_id), name, int(shares.argmax()), f"{shares.max():.4f}"])
+    return path
+
+
 def plot_heatmap(counts: np.ndarray, path: str | os.PathLike, class_names: list[str] | None = None,
-                 title: str | None = None, sort: bool = True) -> dict:
+                 title: str | None = None, sort: bool = True, rows_csv: str | os.PathLike | None = None) -> dict:
     """Save a class x expert heatmap (each row = the share of a class's items routed to each expert) as a PNG.
-    Returns the plotted class order and matrix (rows normalised)."""
+
+    Rows are labelled with the class names (`class_names`, else the class ids) when there are at most
+    `ROW_LABEL_MAX_ROWS` rows: the figure grows so each name gets a readable 7-10 pt line. With more rows the axis
+    names `rows_csv` instead; `rows_csv` (written when given, whatever the row count) lists the rows top to bottom
+    with their class ids and names. Returns the plotted class order, the matrix (rows normalised), whether the rows
+    are labelled, and the CSV path (or None)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -109,22 +139,36 @@ def plot_heatmap(counts: np.ndarray, path: str | os.PathLike, class_names: list[
     order = heatmap_order(counts) if sort else np.nonzero(counts.sum(axis=1) > 0)[0]
     matrix = counts[order] / counts[order].sum(axis=1, keepdims=True)
     num_classes, num_experts = matrix.shape
-    fig_h = min(12.0, 2.0 + 0.18 * num_classes)
-    fig, ax = plt.subplots(figsize=(min(12.0, 2.5 + 0.45 * num_experts), fig_h))
+    labelled = num_classes <= ROW_LABEL_MAX_ROWS
+    names = [str(class_names[i]) if class_names is not None else str(int(i)) for i in order]
+    fig_h = 2.2 + (_ROW_INCHES * num_classes if labelled else 10.0)
+    fig_h = max(fig_h, 3.5)
+    row_points = 72 * (fig_h - 1.2) / max(num_classes, 1)  # about the axes' height per row
+    font = float(np.clip(row_points * 0.6, 7, 10))
+    longest = max((len(_short(n)) for n in names), default=2) if labelled else 2
+    fig_w = min(14.0, 3.0 + 0.45 * num_experts + 0.075 * font * longest)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("class (grouped by preferred expert)")
+    ax.set_xlabel("expert", fontsize=11)
     ax.set_xticks(range(num_experts))
-    if class_names is not None and num_classes <= 60:
+    ax.tick_params(axis="x", labelsize=10 if num_experts <= 16 else 7)
+    if labelled:
+        ax.set_ylabel("class (by preferred expert)", fontsize=11)
         ax.set_yticks(range(num_classes))
-        ax.set_yticklabels([str(class_names[i]) for i in order], fontsize=6)
+        ax.set_yticklabels([_short(n) for n in names], fontsize=font)
+    else:
+        where = f"row order: {Path(rows_csv).name}" if rows_csv is not None else "too many rows to name"
+        ax.set_ylabel(f"{num_classes} classes, grouped by preferred expert ({where})", fontsize=11)
+        ax.set_yticks([])
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=11)
     fig.colorbar(image, ax=ax, label="share of the class's items")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {"order": order.tolist(), "matrix": matrix}
+    csv_path = write_row_order_csv(rows_csv, order, matrix, class_names) if rows_csv is not None else None
+    return {"order": order.tolist(), "matrix": matrix, "labelled": labelled,
+            "rows_csv": str(csv_path) if csv_path is not None else None}
 
 
 @dataclass
@@ -184,8 +228,9 @@ class RoutingStats:
 
     def report(self, out_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD,
                class_names: list[str] | None = None) -> dict:
-        """Write `report.json` (all numbers + counts), `heatmap_layer{i}.png` per MoE layer and
-        `recommended_config/config.json`; return the report dict."""
+        """Write `report.json` (all numbers + counts), `heatmap_layer{i}.png` per MoE layer with
+        `heatmap_layer{i}_rows.csv` (its rows top to bottom, with class names) and `recommended_config/config.json`;
+        return the report dict."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         names = class_names or self.class_names
@@ -196,8 +241,11 @@ class RoutingStats:
             score = summary["layers"][str(layer)]["specialization"]
             path = out_dir / f"heatmap_layer{layer}.png"
             plotted = plot_heatmap(self.counts[layer], path, names,
-                                   title=f"MoE layer {layer} ({self.unit} routing), specialization {score:.2f}")
-            summary["heatmaps"][str(layer)] = {"path": path.name, "class_order": plotted["order"]}
+                                   title=f"MoE layer {layer} ({self.unit} routing), specialization {score:.2f}",
+                                   rows_csv=out_dir / f"heatmap_layer{layer}_rows.csv")
+            summary["heatmaps"][str(layer)] = {"path": path.name, "class_order": plotted["order"],
+                                               "rows_csv": Path(plotted["rows_csv"]).name,
+                                               "rows_labelled": plotted["labelled"]}
             summary["counts"][str(layer)] = self.counts[layer].tolist()
         if names is not None:
             summary["class_names"] = list(names)
@@ -226,7 +274,7 @@ def _find_vmoe(model: torch.nn.Module) -> tuple[VMoEConfig, dict[str, list[int]]
         raise ValueError("the model has no MoE layers (moe_layers is empty): nothing to analyse")
     routers = {}
     for name, module in model.named_modules():
-        if isinstance(module, VMoETopKRouter):
+        if isinstance(module, VMoERouter):
             match = re.search(r"layer\.(\d+)\.mlp\.router$", name)
             routers[name] = [int(match.group(1))] if match else list(config.moe_layers)
     patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
@@ -299,8 +347,8 @@ def collect_routing(
 
     def make_hook(name):
         def hook(module, args, output):
-            logits, _, top_k_index = output
-            captured[name] = (logits.detach(), top_k_index.detach())
+            logits, plan = output
+            captured[name] = (logits.detach(), plan.assignment_mass(num_experts).detach())
 
         return hook
 
@@ -352,18 +400,18 @@ def _accumulate(captured, routers, counts, entropy_sum, entropy_n, pixels, label
                 num_experts, top_k, patch_label, ignore_index, include_cls_token):
     batch = pixels.shape[0]
     size = tuple(pixels.shape[-2:])
-    for name, (logits, index) in captured.items():
-        index, logits = index.cpu(), logits.float().cpu()
+    for name, (logits, mass) in captured.items():
+        mass, logits = mass.double().cpu(), logits.float().cpu()  # mass: (items, E), the plan's assignment mass
         probs = logits.softmax(-1)
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / (math.log(num_experts) if num_experts > 1 else 1.0)
-        num_items = index.shape[0]
+        outputs = probs.shape[-1]  # E, or E x slots for Soft MoE
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / (math.log(outputs) if outputs > 1 else 1.0)
+        num_items = mass.shape[0]
         if num_items == batch:  # image routing
             weights = _image_class_weights(labels, num_classes, ignore_index)  # (B, C)
-            expert_onehot = F.one_hot(index, num_experts).double().sum(1) / top_k  # (B, E)
-            joint = weights.t() @ expert_onehot
+            joint = weights.t() @ mass
         else:  # token routing: (B * S) items, S = 1 + num_patches
             seq = num_items // batch
-            index = index.view(batch, seq, top_k)
+            mass = mass.view(batch, seq, num_experts)
             ent = ent.view(batch, seq)
             if labels.ndim == 1:
                 token_labels = labels.long().view(batch, 1).expand(batch, seq).clone()
@@ -374,11 +422,8 @@ def _accumulate(captured, routers, counts, entropy_sum, entropy_n, pixels, label
                 cls = torch.full((batch, 1), -1, dtype=torch.long)
                 token_labels = torch.cat([cls, patch_labels], dim=1)
             keep = token_labels >= 0
-            item_labels = token_labels[keep]
-            experts = index[keep]  # (M, k)
-            flat = (item_labels.unsqueeze(1) * num_experts + experts).reshape(-1)
-            joint = torch.bincount(flat, minlength=num_classes * num_experts).double().view(num_classes, num_experts)
-            joint = joint / top_k
+            joint = torch.zeros(num_classes, num_experts, dtype=torch.float64).index_add_(
+                0, token_labels[keep], mass[keep])
             ent = ent[keep]
         for layer in routers[name]:
             counts[layer] += joint.numpy()
@@ -386,4 +431,5 @@ def _accumulate(captured, routers, counts, entropy_sum, entropy_n, pixels, label
             entropy_n[layer] += int(ent.numel())
 
 
-__all__ = ["RoutingStats", "collect_routing", "plot_heatmap", "heatmap_order", "routing_metrics"]
+__all__ = ["RoutingStats", "collect_routing", "plot_heatmap", "heatmap_order", "routing_metrics",
+           "write_row_order_csv", "ROW_LABEL_MAX_ROWS"]

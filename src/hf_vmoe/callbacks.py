@@ -23,12 +23,83 @@ and `RouterStatsCallback.attach(trainer)` inserts the callback at the front so t
     trainer = Trainer(model=model, args=args, ...)
     RouterStatsCallback.attach(trainer)
     trainer.train()
+
+Routing health. After every evaluation the callback checks the evaluation's routing against three thresholds
+(constructor arguments; the defaults are `HEALTH_THRESHOLDS`):
+
+* `max_load` = 2.0: the busiest expert gets more than twice a balanced share (`eval_expert_load_max` > 2.0);
+* `min_load` = 0.25: the idlest expert gets under a quarter of a balanced share (`eval_expert_load_min` < 0.25);
+* `min_superclass_accuracy` = 0.5: the router sends half the images or more to an expert outside their
+  super-class (`eval_router_superclass_accuracy` < 0.5; only with super-classes).
+
+It logs one line per evaluation through the `hf_vmoe.callbacks` logger: INFO "routing health: ok ..." or, when a
+threshold is crossed, a WARNING naming each problem and the knobs that help: the balancing loss
+(`router_aux_loss_coef`), the super-class loss weight (`superclass_loss_coef`), a learning-rate warm-up
+(`--warmup_ratio` / `--warmup_steps`, so the router does not lock in early) and an expert capacity
+(`capacity_factor`). `callback.health` keeps the last check (`routing_health` computes it from any metrics dict).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+HEALTH_THRESHOLDS = {"max_load": 2.0, "min_load": 0.25, "min_superclass_accuracy": 0.5}
+
+
+def _vmoe_config(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "backbone_config", None) or config
+
+
+def routing_health(metrics: dict, prefix: str = "eval_", config=None, max_load: float = 2.0,
+                   min_load: float = 0.25, min_superclass_accuracy: float = 0.5) -> dict | None:
+    """Check the router statistics in `metrics` (keys `{prefix}expert_load_max`, `{prefix}expert_load_min`,
+    `{prefix}router_superclass_accuracy`, as `RouterStatsCallback` logs them) against the thresholds.
+
+    Returns None when `metrics` has no router statistics, else `{"status": "ok" | "unhealthy", "problems": [...],
+    "knobs": [...], "summary": one line, "thresholds": {...}, <the values checked>}`. `config` (the VMoE config)
+    lets the knobs quote the current values."""
+    thresholds = {"max_load": max_load, "min_load": min_load, "min_superclass_accuracy": min_superclass_accuracy}
+    values = {k: metrics.get(f"{prefix}{k}") for k in ("expert_load_max", "expert_load_min",
+                                                        "router_superclass_accuracy")}
+    values = {k: float(v) for k, v in values.items() if v is not None}
+    if not values:
+        return None
+
+    def now(name, default="?"):
+        return getattr(config, name, default) if config is not None else default
+
+    problems, knobs = [], []
+    load_bad = False
+    if values.get("expert_load_max", 0.0) > max_load:
+        problems.append(f"busiest expert gets {values['expert_load_max']:.2f}x a balanced share (> {max_load:g})")
+        load_bad = True
+    if "expert_load_min" in values and values["expert_load_min"] < min_load:
+        problems.append(f"idlest expert gets {values['expert_load_min']:.2f}x a balanced share (< {min_load:g})")
+        load_bad = True
+    accuracy = values.get("router_superclass_accuracy")
+    if accuracy is not None and accuracy < min_superclass_accuracy:
+        problems.append(f"router super-class accuracy {accuracy:.3f} (< {min_superclass_accuracy:g})")
+        knobs.append(f"raise the super-class loss weight superclass_loss_coef (now {now('superclass_loss_coef')})")
+    if load_bad:
+        knobs.append(f"raise the balancing loss router_aux_loss_coef (now {now('router_aux_loss_coef')})")
+        knobs.append(f"set an expert capacity capacity_factor, e.g. 1.25 (now {now('capacity_factor')})")
+    if problems:
+        knobs.append("warm up the learning rate (--warmup_ratio 0.1 or --warmup_steps) so the router does not lock "
+                     "in early")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+    if problems:
+        summary = (f"unhealthy: {'; '.join(problems)}. Knobs (--config_overrides / TrainingArguments): "
+                   f"{'; '.join(knobs)}")
+    else:
+        summary = f"ok ({shown})"
+    return {"status": "unhealthy" if problems else "ok", "problems": problems, "knobs": knobs, "summary": summary,
+            "thresholds": thresholds, **values}
 
 
 class _RunningStats:
@@ -67,10 +138,24 @@ class _RunningStats:
 class RouterStatsCallback(TrainerCallback):
     """Logs router super-class accuracy, routing losses and expert load through the Trainer's logging (see the
     module docstring). `per_expert` adds one `expert_load_<e>` share per expert. `history` keeps every logged
-    summary (train and eval) for later inspection."""
+    summary (train and eval) for later inspection.
 
-    def __init__(self, per_expert: bool = True):
+    After each evaluation the routing is checked against `max_load`, `min_load` and `min_superclass_accuracy`
+    (see the module docstring); one line is logged (a WARNING with the knobs when a threshold is crossed) and the
+    result is kept in `health` (and every check in `health_history`)."""
+
+    def __init__(self, per_expert: bool = True, max_load: float = HEALTH_THRESHOLDS["max_load"],
+                 min_load: float = HEALTH_THRESHOLDS["min_load"],
+                 min_superclass_accuracy: float = HEALTH_THRESHOLDS["min_superclass_accuracy"]):
+        for name, value in (("max_load", max_load), ("min_load", min_load),
+                            ("min_superclass_accuracy", min_superclass_accuracy)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         self.per_expert = per_expert
+        self.thresholds = {"max_load": float(max_load), "min_load": float(min_load),
+                           "min_superclass_accuracy": float(min_superclass_accuracy)}
+        self.health: dict | None = None
+        self.health_history: list[dict] = []
         self.train_stats = _RunningStats()
         self.eval_stats = _RunningStats()
         self.history: list[dict] = []
@@ -147,6 +232,20 @@ class RouterStatsCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(summary)
         self.history.append({"step": state.global_step, **summary})
+        if is_eval:
+            self._check_health(summary, state.global_step)
+
+    def _check_health(self, summary: dict, step: int):
+        health = routing_health(summary, "eval_", _vmoe_config(self._model), **self.thresholds)
+        if health is None:
+            return
+        health["step"] = step
+        self.health = health
+        self.health_history.append(health)
+        if health["status"] == "ok":
+            logger.info("routing health at step %d: %s", step, health["summary"])
+        else:
+            logger.warning("routing health at step %d: %s", step, health["summary"])
 
 
-__all__ = ["RouterStatsCallback"]
+__all__ = ["RouterStatsCallback", "routing_health", "HEALTH_THRESHOLDS"]

@@ -6,6 +6,7 @@
     hf-vmoe superclasses from-model --model DIR (--validation-dir DIR | --dataset-name NAME) --num-experts E -o F
     hf-vmoe superclasses from-confusion CM.{npy,csv,json} --num-experts E [--class-names FILE] -o F
     hf-vmoe superclasses show FILE [--model DIR | --class-names FILE]
+    hf-vmoe analyze MODEL_DIR --data-dir DIR [--output-dir DIR] [...]  routing heatmaps, specialisation, recommendation
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def build_parser():
     p.add_argument("--config", help="a model directory or config.json")
     p.add_argument("--image-size", type=int)
 
+    from .routing_report import add_arguments as analyze_arguments
+
+    p = sub.add_parser("analyze", help="routing analysis of a saved model: class x expert heatmaps, specialisation "
+                       "per MoE layer, recommended config")
+    analyze_arguments(p)
+
     p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("from-model", help="confusion matrix of a trained dense model on a held-out split")
@@ -192,6 +199,11 @@ def main(argv=None) -> int:
             return cmd_presets(args)
         if args.command == "flops":
             return cmd_flops(args)
+        if args.command == "analyze":
+            from .routing_report import run as analyze_run
+
+            analyze_run(args)
+            return 0
         if args.command == "superclasses":
             if args.action == "from-model" and not (args.validation_dir or args.dataset_name):
                 parser.error("from-model needs --validation-dir or --dataset-name")
