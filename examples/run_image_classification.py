@@ -4,7 +4,8 @@
 In the style of transformers' examples/pytorch/image-classification/run_image_classification.py, without
 torchvision (PIL + numpy augmentations, then the image processor). The three-stage Mobile V-MoE recipe:
 
-    # 1. dense baseline; at the end, super-classes from its confusion matrix on the validation split
+    # 1. dense baseline; at the end, super-classes from its confusion matrix on a held-out 10% of each class's
+    #    training images (never trained on; --superclass_heldout_dir DIR for a separate folder instead)
     python examples/run_image_classification.py --preset vit-12x192 --train_dir data/train \
         --validation_dir data/val --output_dir runs/dense --do_train --do_eval --compute_superclasses 10
     # 2. (or separately, on any held-out split)
@@ -16,13 +17,18 @@ torchvision (PIL + numpy augmentations, then the image processor). The three-sta
         --output_dir runs/moe --do_train --do_eval
 
 Every `TrainingArguments` flag works (`--push_to_hub --hub_model_id org/name`, `--eval_strategy epoch`, ...).
-Router statistics (super-class accuracy, routing losses, expert load) are logged with the loss.
+Unless set, `--logging_steps` is 1/20 of the run (about 20 loss lines) and pinned memory is off on the CPU
+(`hf_vmoe.script_defaults`). Router statistics (super-class accuracy, routing losses, expert load) are logged with
+the loss; after each evaluation a "routing health" line (a warning with the knobs when the load or the router's
+super-class accuracy crosses a threshold, see `hf_vmoe.callbacks`), also saved as `eval_routing_health` in
+`all_results.json` and in the model card (README.md), which says what the model was trained from.
 """
 
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import evaluate
 import numpy as np
@@ -43,7 +49,9 @@ import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
 from hf_vmoe.callbacks import RouterStatsCallback
 from hf_vmoe.data_utils import metric_path, parse_config_overrides, size_dict
+from hf_vmoe.hub import SCRATCH, build_model_card
 from hf_vmoe.presets import get_preset
+from hf_vmoe.script_defaults import apply_script_defaults
 from hf_vmoe.superclasses import load_superclass_map, model_confusion_matrix, save_superclasses
 from hf_vmoe.superclasses import set_superclasses, superclass_groups, superclasses_from_confusion
 from hf_vmoe.upcycling import init_experts_from_dense
@@ -62,10 +70,18 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
     image_column_name: str = field(default="image", metadata={"help": "Column with the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column with the labels."})
+    superclass_heldout_share: float = field(
+        default=0.1, metadata={"help": "With --compute_superclasses: share of each class's training images held out "
+                                       "(seeded by --seed, never trained on) for the confusion matrix."})
+    superclass_heldout_dir: str | None = field(
+        default=None, metadata={"help": "With --compute_superclasses: an imagefolder for the confusion matrix instead "
+                                        "of a share of the training set (same classes)."})
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_dir is None:
             raise ValueError("give --dataset_name or --train_dir (an imagefolder)")
+        if not 0.0 < self.superclass_heldout_share < 1.0:
+            raise ValueError(f"--superclass_heldout_share must be in (0, 1), got {self.superclass_heldout_share}")
 
 
 @dataclass
@@ -131,6 +147,34 @@ def load_data(data_args, cache_dir=None):
     return dataset
 
 
+def split_heldout(train, share, seed, label_column="label"):
+    """(train, held_out): `share` of each class's items (at least one when the class has two or more), chosen with
+    `seed`, moved out of `train`. The super-classes come from the dense model's confusions on `held_out`, which it
+    never trained on and which is not the evaluation split."""
+    labels = np.asarray(train[label_column])
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        count = min(len(idx) - 1, max(1, int(round(share * len(idx))))) if len(idx) > 1 else 0
+        held.extend(idx[:count].tolist())
+    held_set = set(held)
+    keep = [i for i in range(len(labels)) if i not in held_set]
+    if not held:
+        raise ValueError(f"no class has two training images: nothing to hold out with share {share}")
+    return train.select(keep), train.select(sorted(held))
+
+
+def load_heldout_dir(path, labels, data_args):
+    """The --superclass_heldout_dir imagefolder; its classes must be the training set's."""
+    heldout = load_dataset("imagefolder", data_files={"train": os.path.join(path, "**")})["train"]
+    names = heldout.features[data_args.label_column_name].names
+    if names != list(labels):
+        raise ValueError(f"--superclass_heldout_dir {path} has classes {names[:5]}... ({len(names)}), the training "
+                         f"set {list(labels)[:5]}... ({len(labels)}): they must be the same")
+    return heldout
+
+
 def build_model(model_args, labels):
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
@@ -181,6 +225,7 @@ def main(argv=None):
     training_args.remove_unused_columns = False  # the image column is needed by the on-the-fly transforms
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
+    apply_script_defaults(training_args, argv)  # ~20 log lines per run, no pinned memory on the CPU
     set_seed(training_args.seed)
 
     dataset = load_data(data_args, cache_dir=None)
@@ -212,6 +257,26 @@ def main(argv=None):
     if data_args.max_eval_samples is not None:
         dataset["validation"] = dataset["validation"].shuffle(seed=training_args.seed).select(
             range(data_args.max_eval_samples))
+    heldout = None
+    if model_args.compute_superclasses:
+        if data_args.superclass_heldout_dir:
+            heldout = load_heldout_dir(data_args.superclass_heldout_dir, labels, data_args)
+            if data_args.validation_dir and Path(data_args.superclass_heldout_dir).resolve() == Path(
+                    data_args.validation_dir).resolve():
+                logger.warning("super-classes: --superclass_heldout_dir is the evaluation split (--validation_dir): "
+                               "a MoE evaluated there is evaluated on the data its routing was built from")
+            logger.info("super-classes: confusion matrix on %d images of %s", len(heldout),
+                        data_args.superclass_heldout_dir)
+        else:
+            dataset["train"], heldout = split_heldout(dataset["train"], data_args.superclass_heldout_share,
+                                                      training_args.seed, label_col)
+            logger.info("super-classes: holding out %d training images (%.0f%% of each class, seed %d; not trained "
+                        "on, not the evaluation split) for the confusion matrix; training on %d",
+                        len(heldout), 100 * data_args.superclass_heldout_share, training_args.seed,
+                        len(dataset["train"]))
+            if not training_args.do_train:
+                logger.warning("super-classes: no --do_train, so the model may have been trained on the held-out "
+                               "images; pass --superclass_heldout_dir for images it never saw")
     train_dataset = dataset["train"].with_transform(train_transforms)
     eval_dataset = dataset["validation"].with_transform(eval_transforms)
 
@@ -224,7 +289,14 @@ def main(argv=None):
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}
 
-    trainer = Trainer(
+    card = {}  # filled in below; the card is (re)written whenever the Trainer writes one (also by push_to_hub)
+
+    class CardTrainer(Trainer):
+        def create_model_card(self, **kwargs):
+            if self.is_world_process_zero():
+                write_card(self, **card)
+
+    trainer = CardTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
@@ -233,8 +305,7 @@ def main(argv=None):
         processing_class=processor,
         data_collator=collate_fn,
     )
-    if config.is_moe:
-        RouterStatsCallback.attach(trainer)
+    router_stats = RouterStatsCallback.attach(trainer) if config.is_moe else None
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -242,14 +313,18 @@ def main(argv=None):
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+    metrics = {}
     if training_args.do_eval:
         metrics = trainer.evaluate()
+        if router_stats is not None and router_stats.health is not None:
+            metrics["eval_routing_health"] = router_stats.health["summary"]
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     if model_args.compute_superclasses:
-        cm = model_confusion_matrix(trainer.model, eval_dataset, batch_size=training_args.per_device_eval_batch_size,
-                                    collate_fn=collate_fn, progress=True)
+        cm = model_confusion_matrix(trainer.model, heldout.with_transform(eval_transforms),
+                                    batch_size=training_args.per_device_eval_batch_size, collate_fn=collate_fn,
+                                    progress=True)
         ids = superclasses_from_confusion(cm, model_args.compute_superclasses, seed=training_args.seed)
         path = save_superclasses(os.path.join(training_args.output_dir, "superclasses.json"), ids, labels,
                                  confusion=cm)
@@ -257,15 +332,44 @@ def main(argv=None):
             logger.info("super-class %d: %s", g, ", ".join(members))
         logger.info("wrote %s", path)
 
-    kwargs = {"finetuned_from": model_args.model_name_or_path or model_args.preset,
-              "tasks": "image-classification", "tags": ["image-classification", "vmoe", "mixture-of-experts"]}
-    if data_args.dataset_name is not None:
-        kwargs["dataset"] = data_args.dataset_name
+    card.update(data_args=data_args, model_args=model_args, metrics=metrics, num_train=len(dataset["train"]),
+                labels=labels, health=router_stats.health if router_stats is not None else None)
     if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
+        trainer.push_to_hub()
     elif training_args.do_train:
-        trainer.create_model_card(**kwargs)
+        trainer.create_model_card()
     return trainer
+
+
+def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train=None, labels=None, health=None):
+    """README.md in the output folder: `hf_vmoe.hub.build_model_card` with what this run knows (the Trainer's own
+    card would call a preset a fine-tuning source and mix two units of expert load)."""
+    if model_args is None:  # a save during training (push_to_hub with a save strategy): the final card comes later
+        return
+    args = trainer.args
+    metrics = metrics or {}
+    source = data_args.dataset_name or data_args.train_dir
+    steps = trainer.state.global_step
+    trained_on = (f"{source} ({num_train} training images, {len(labels)} classes), {steps} steps"
+                  + (f" from the `{model_args.preset}` preset" if model_args.preset else ""))
+    trained_from = model_args.init_from_dense or model_args.model_name_or_path or SCRATCH
+    eval_results = None
+    if "eval_accuracy" in metrics:
+        eval_results = [{"dataset": data_args.dataset_name or Path(data_args.validation_dir or source).name,
+                         "metric": "accuracy", "value": metrics["eval_accuracy"],
+                         "split": "validation" if data_args.validation_dir or data_args.dataset_name
+                         else f"{data_args.train_val_split:.0%} of train"}]
+    config = trainer.model.config
+    load = [metrics[f"eval_expert_load_{e}"] for e in range(config.num_experts) if f"eval_expert_load_{e}" in metrics]
+    training = {"learning rate": args.learning_rate, "train batch size (per device)": args.per_device_train_batch_size,
+                "epochs": args.num_train_epochs if args.max_steps <= 0 else f"max_steps {args.max_steps}",
+                "optimizer steps": steps, "seed": args.seed}
+    card = build_model_card(
+        trainer.model, args.hub_model_id or args.output_dir, trained_on=trained_on, eval_results=eval_results,
+        datasets=[data_args.dataset_name] if data_args.dataset_name else None, trained_from=trained_from,
+        upcycled=bool(model_args.init_from_dense), routing_health=health if config.is_moe else None,
+        expert_load=load if config.is_moe and load else None, training=training)
+    card.save(os.path.join(args.output_dir, "README.md"))
 
 
 if __name__ == "__main__":

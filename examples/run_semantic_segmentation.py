@@ -17,6 +17,8 @@ In the style of transformers' examples/pytorch/semantic-segmentation/run_semanti
 Heads: `linear` = VMoEForSemanticSegmentation's light head on the last block; `upernet` = UperNet on VMoEBackbone
 features of four blocks (hf_vmoe.segmentation.VMoEUperNetForSemanticSegmentation, which keeps the MoE aux loss).
 Metrics: mean IoU / mean accuracy / overall accuracy (+ per-class IoU) from the package's offline `evaluate` module.
+Unless set, `--logging_steps` is 1/20 of the run and pinned memory is off on the CPU (`hf_vmoe.script_defaults`);
+MoE runs log the expert load with the loss and a routing-health line after each evaluation (`hf_vmoe.callbacks`).
 """
 
 import logging
@@ -34,7 +36,9 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, default_d
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
+from hf_vmoe.callbacks import RouterStatsCallback
 from hf_vmoe.data_utils import parse_config_overrides, parse_moe_layers_arg
+from hf_vmoe.script_defaults import apply_script_defaults
 from hf_vmoe.segmentation import (
     SegmentationTransform,
     VMoEUperNetForSemanticSegmentation,
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None):
     training_args.batch_eval_metrics = True  # accumulate a confusion matrix instead of keeping every logit map
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    apply_script_defaults(training_args, argv)  # ~20 log lines per run, no pinned memory on the CPU
     set_seed(training_args.seed)
 
     label_file = _find_label_file(data_args)
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None):
     )
     logger.info("model: %s, MoE blocks %s, routing %s", type(model).__name__, list(backbone_config.moe_layers),
                 backbone_config.routing_level)
+    if backbone_config.is_moe:  # expert load with the loss; a routing-health line after each evaluation
+        RouterStatsCallback.attach(trainer, per_expert=False)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

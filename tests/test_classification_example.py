@@ -47,7 +47,7 @@ def common_args(root, out):
 def test_three_stage_recipe(imagefolder, tmp_path):
     script = load_script()
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
-    # 1. dense baseline (+ super-classes from its confusion matrix on the validation split)
+    # 1. dense baseline (+ super-classes from its confusion matrix on held-out training images)
     script.main(["--preset", "vit-3x64", "--compute_superclasses", "2"] + common_args(imagefolder, dense_dir))
     results = json.loads((dense_dir / "all_results.json").read_text())
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and "train_loss" in results
@@ -55,13 +55,15 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     assert not dense.config.is_moe and [dense.config.id2label[i] for i in range(4)] == CLASSES
     superclasses = json.loads((dense_dir / "superclasses.json").read_text())
     assert sorted(len(g["classes"]) for g in superclasses["groups"]) == [2, 2]
-    assert np.asarray(superclasses["confusion_matrix"]).sum() == 12  # every validation image counted once
+    # 10% of each class's 6 training images, at least one: 4 held-out images, not the 12 validation ones
+    assert np.asarray(superclasses["confusion_matrix"]).sum() == 4
 
     # 2. the same through the CLI, on the held-out split
     cli_file = tmp_path / "superclasses.csv"
     assert cli_main(["superclasses", "from-model", "--model", str(dense_dir), "--validation-dir",
                      str(imagefolder / "validation"), "--num-experts", "2", "-o", str(cli_file)]) == 0
-    assert load_superclass_map(cli_file, class_names=CLASSES) == superclasses["superclass_ids"]
+    cli_ids = load_superclass_map(cli_file, class_names=CLASSES)
+    assert sorted(np.bincount(cli_ids).tolist()) == [2, 2]  # (same images -> same map: test_user_frictions.py)
 
     # 3. Mobile V-MoE with super-class routing, initialised from the dense baseline
     trainer = script.main(

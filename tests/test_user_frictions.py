@@ -183,3 +183,185 @@ def test_routing_health_thresholds_and_errors():
     assert routing_health({"eval_accuracy": 0.5}) is None  # a dense model: nothing to check
     with pytest.raises(ValueError, match="min_load"):
         RouterStatsCallback(min_load=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. model card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _card(**kwargs):
+    from hf_vmoe.hub import build_model_card
+
+    config = tiny_config(superclass_ids=[0, 1, 2, 3, 0])
+    return str(build_model_card(config, "org/moe", trained_on="a toy set", **kwargs))
+
+
+def _meta(text):
+    import yaml
+
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_says_what_the_model_was_trained_from(tmp_path):
+    scratch = _card(trained_from="scratch")
+    assert "Trained from scratch (random initialisation)." in scratch
+    assert "huggingface.co/" not in scratch and "Fine-tuned" not in scratch and "base_model" not in _meta(scratch)
+    local = tmp_path / "dense"
+    local.mkdir()
+    upcycled = _card(trained_from=str(local), upcycled=True)
+    assert f"Upcycled from the dense model `{local}`, a local checkpoint not on the Hub" in upcycled
+    assert "huggingface.co/" not in upcycled and "base_model" not in _meta(upcycled)
+    hub = _card(trained_from="org/vit-dense")
+    assert "Fine-tuned from [org/vit-dense](https://huggingface.co/org/vit-dense)." in hub
+    assert _meta(hub)["base_model"] == "org/vit-dense"
+    unstated = _card()
+    assert "scratch" not in unstated and "Fine-tuned" not in unstated
+    with pytest.raises(ValueError, match="trained_on"):
+        from hf_vmoe.hub import build_model_card
+
+        build_model_card(tiny_config(), "org/x", trained_from="scratch")  # untrained weights trained from?
+
+
+def test_card_expert_load_in_one_named_unit():
+    health = routing_health({"eval_expert_load_max": 2.64, "eval_expert_load_min": 0.086,
+                             "eval_router_superclass_accuracy": 0.456})
+    text = _card(trained_from="scratch", routing_health=health, expert_load=[0.66, 0.0215, 0.16, 0.1585])
+    section = text.split("## Routing health")[1].split("\n## ")[0]
+    assert "**unhealthy**" in section and "percent of the routed images (balanced: 25.0% each)" in section
+    assert "busiest expert 66.0% (> 50.0%)" in section and "idlest expert 2.1% (< 6.2%)" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+    assert len(rows) == 7 and all(line.rstrip(" |").endswith("%") for line in rows), rows
+    assert "| expert 1 | 2.1% |" in section and "| busiest expert | 66.0% |" in section
+    assert "x a balanced" not in section and "0.0215" not in section  # no second unit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. super-classes from a held-out share of train
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLIT_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(1)
+    for c in range(SPLIT_CLASSES):
+        colour = rng.integers(0, 255, 3)
+        for split, count in (("train", 10), ("val", 3)):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _paths(dataset):
+    from datasets import Image as ImageFeature
+
+    return [row["path"] for row in dataset.cast_column("image", ImageFeature(decode=False))["image"]]
+
+
+@pytest.mark.parametrize("with_validation_dir", [True, False])
+def test_heldout_split_never_overlaps_evaluation_or_training(small_folder, with_validation_dir):
+    script = load_example("run_image_classification")
+    data_args = script.DataTrainingArguments(train_dir=str(small_folder / "train"),
+                                             validation_dir=str(small_folder / "val") if with_validation_dir else None)
+    dataset = script.load_data(data_args)
+    train_before = _paths(dataset["train"])
+    train, heldout = script.split_heldout(dataset["train"], 0.2, seed=3)
+    train_paths, held_paths, eval_paths = _paths(train), _paths(heldout), _paths(dataset["validation"])
+    assert not set(held_paths) & set(eval_paths) and not set(held_paths) & set(train_paths)
+    assert sorted(train_paths + held_paths) == sorted(train_before)
+    per_class = np.bincount(heldout["label"], minlength=SPLIT_CLASSES)
+    expected = [max(1, round(0.2 * n)) for n in np.bincount(dataset["train"]["label"], minlength=SPLIT_CLASSES)]
+    assert per_class.tolist() == expected  # the share of each class, not of the whole set
+    again = script.split_heldout(dataset["train"], 0.2, seed=3)[1]
+    assert _paths(again) == held_paths and _paths(script.split_heldout(dataset["train"], 0.2, seed=4)[1]) != held_paths
+    with pytest.raises(ValueError, match="superclass_heldout_share"):
+        script.DataTrainingArguments(train_dir="x", superclass_heldout_share=1.0)
+
+
+def _args(root, out, *extra):
+    # no --logging_steps and no --use_cpu: the script's defaults are under test
+    return ["--train_dir", str(root / "train"), "--validation_dir", str(root / "val"), "--output_dir", str(out),
+            "--image_size", "24", "--patch_size", "8", "--do_train", "--do_eval", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--report_to", "none",
+            "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0", *extra]
+
+
+def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog):
+    import warnings
+
+    script = load_example("run_image_classification")
+    dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        dense = script.main(["--preset", "vit-3x64", "--compute_superclasses", "2", "--max_steps", "40"]
+                            + _args(small_folder, dense_dir))
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    assert dense.args.dataloader_pin_memory is False
+    # 5. about 20 training-loss lines (40 steps, every 2), not none (the stock 500-step interval)
+    assert [h["step"] for h in dense.state.log_history if "loss" in h] == list(range(2, 41, 2))
+    # 4. super-classes from 10% of each class's training images (1 of 10), never the 15 validation images
+    superclasses = json.loads((dense_dir / "superclasses.json").read_text())
+    assert np.asarray(superclasses["confusion_matrix"]).sum() == SPLIT_CLASSES
+    assert any("holding out 5 training images" in r.getMessage() for r in caplog.records)
+    # 6. the card of a dense model trained from a preset: from scratch, no link to a preset "repo"
+    card = (dense_dir / "README.md").read_text()
+    assert "Trained from scratch" in card and "huggingface.co/vit-3x64" not in card and "fine-tuned" not in card
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        moe = script.main(["--preset", "mobile-vmoe-3x64", "--config_overrides", "num_experts=2",
+                           "--superclasses_file", str(dense_dir / "superclasses.json"), "--init_from_dense",
+                           str(dense_dir), "--num_train_epochs", "2"] + _args(small_folder, moe_dir))
+    steps = moe.state.global_step  # 2 epochs of 50 images in batches of 4: 26 steps, a log line every 2
+    loss_logs = [h for h in moe.state.log_history if "loss" in h]
+    assert len(loss_logs) == steps // 2 and all("expert_load_max" in h for h in loss_logs)
+    # 2. one routing-health line per evaluation, and the same summary in all_results.json and the card
+    health_lines = [r.getMessage() for r in caplog.records if r.name == "hf_vmoe.callbacks"]
+    assert len(health_lines) == 1 and health_lines[0].startswith(f"routing health at step {steps}: ")
+    results = json.loads((moe_dir / "all_results.json").read_text())
+    assert health_lines[0].endswith(results["eval_routing_health"])
+    card = (moe_dir / "README.md").read_text()
+    assert f"Upcycled from the dense model `{dense_dir}`, a local checkpoint not on the Hub" in card
+    assert "## Routing health" in card and "(balanced: 50.0% each)" in card
+    status = "ok" if results["eval_routing_health"].startswith("ok") else "unhealthy"
+    assert f"Routing health on the evaluation split: **{status}**" in card
+
+
+def test_explicit_heldout_folder_matches_the_cli(small_folder, tmp_path):
+    from hf_vmoe.superclasses import load_superclass_map
+
+    script = load_example("run_image_classification")
+    out = tmp_path / "dense"
+    script.main(["--preset", "vit-3x64", "--compute_superclasses", "2", "--max_steps", "4",
+                 "--superclass_heldout_dir", str(small_folder / "val")] + _args(small_folder, out))
+    superclasses = json.loads((out / "superclasses.json").read_text())
+    assert np.asarray(superclasses["confusion_matrix"]).sum() == 3 * SPLIT_CLASSES  # every image of that folder
+    cli_file = tmp_path / "cli.json"
+    assert cli_main(["superclasses", "from-model", "--model", str(out), "--validation-dir", str(small_folder / "val"),
+                     "--num-experts", "2", "-o", str(cli_file)]) == 0
+    names = [f"c{c}" for c in range(SPLIT_CLASSES)]
+    assert load_superclass_map(cli_file, class_names=names) == superclasses["superclass_ids"]
+
+
+def test_script_defaults_respect_the_command_line(tmp_path):
+    from hf_vmoe.script_defaults import apply_script_defaults, flag_given
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.logging_steps == 500 and args.dataloader_pin_memory
+    assert apply_script_defaults(args, ["--output_dir", "x"]) == {"logging_steps": 0.05,
+                                                                   "dataloader_pin_memory": False}
+    kept = TrainingArguments(output_dir=str(tmp_path), report_to="none", logging_steps=7)
+    assert apply_script_defaults(kept, ["--logging_steps=7", "--dataloader-pin-memory", "true"]) == {}
+    assert kept.logging_steps == 7 and kept.dataloader_pin_memory
+    steps = TrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="steps")
+    apply_script_defaults(steps, [])
+    assert steps.eval_steps == steps.logging_steps == 0.05
+    (tmp_path / "a.json").write_text(json.dumps({"logging_steps": 3}))
+    assert flag_given([str(tmp_path / "a.json")], "logging_steps") and not flag_given(["--logging_stepsx"],
+                                                                                        "logging_steps")

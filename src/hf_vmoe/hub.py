@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,71 @@ def architecture_summary(config: VMoEConfig) -> dict:
     return summary
 
 
+SCRATCH = "scratch"  # trained_from=SCRATCH: the weights started from a random initialisation
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def describe_origin(trained_from: str | None, upcycled: bool = False) -> tuple[str, str | None]:
+    """(sentence, Hub id or None) saying where trained weights started from: `SCRATCH` ("scratch") = random
+    initialisation; an existing local path is named without a link (it is not on the Hub); an `org/name` id is
+    linked and returned for the card's `base_model`; None = not stated (empty sentence). `upcycled`: a dense
+    model whose MLP became every expert (else: fine-tuned from it)."""
+    if trained_from is None:
+        return "", None
+    if not isinstance(trained_from, str) or not trained_from.strip():
+        raise ValueError(f"trained_from must be {SCRATCH!r}, a local path or an org/name Hub id, got {trained_from!r}")
+    if trained_from == SCRATCH:
+        return "Trained from scratch (random initialisation).", None
+    how = "Upcycled from the dense model {}" if upcycled else "Fine-tuned from {}"
+    detail = " (its weights copied, every expert a copy of its MLP)." if upcycled else "."
+    if os.path.exists(trained_from) or not _HUB_ID.match(trained_from):
+        return how.format(f"`{trained_from}`, a local checkpoint not on the Hub") + detail, None
+    return how.format(f"[{trained_from}](https://huggingface.co/{trained_from})") + detail, trained_from
+
+
+def routing_health_section(health: Mapping | None, num_experts: int, expert_load: Sequence[float] | None = None,
+                           routing_level: str = "image") -> str:
+    """Markdown for the card: the routing-health check of `hf_vmoe.callbacks.routing_health` and the expert load,
+    all load figures in one unit: percent of the routed items (a balanced expert gets 100 / E %)."""
+    unit = "images" if routing_level == "image" else "token assignments"
+    balanced = 100.0 / num_experts
+    lines = []
+    if health:
+        thresholds = health.get("thresholds", {})
+        problems = []  # health["problems"] in this section's unit
+        if "expert_load_max" in health and health["expert_load_max"] > thresholds.get("max_load", float("inf")):
+            problems.append(f"busiest expert {health['expert_load_max'] * balanced:.1f}% "
+                            f"(> {thresholds['max_load'] * balanced:.1f}%)")
+        if "expert_load_min" in health and health["expert_load_min"] < thresholds.get("min_load", 0.0):
+            problems.append(f"idlest expert {health['expert_load_min'] * balanced:.1f}% "
+                            f"(< {thresholds['min_load'] * balanced:.1f}%)")
+        accuracy = health.get("router_superclass_accuracy")
+        if accuracy is not None and accuracy < thresholds.get("min_superclass_accuracy", 0.0):
+            problems.append(f"router super-class accuracy {100 * accuracy:.1f}% "
+                            f"(< {100 * thresholds['min_superclass_accuracy']:.0f}%)")
+        lines.append(f"Routing health on the evaluation split: **{health['status']}**"
+                     + (f" ({'; '.join(problems)})." if problems else "."))
+        if thresholds:
+            lines.append(f"Thresholds: busiest expert at most {thresholds['max_load'] * balanced:.1f}%, idlest at "
+                         f"least {thresholds['min_load'] * balanced:.1f}% of the routed {unit}, router super-class "
+                         f"accuracy at least {100 * thresholds['min_superclass_accuracy']:.0f}%.")
+        if health.get("knobs"):
+            lines.append("What helps: " + "; ".join(health["knobs"]) + ".")
+    rows = []
+    if health and "expert_load_max" in health:
+        rows.append(f"| busiest expert | {health['expert_load_max'] * balanced:.1f}% |")
+    if health and "expert_load_min" in health:
+        rows.append(f"| idlest expert | {health['expert_load_min'] * balanced:.1f}% |")
+    for e, share in enumerate(expert_load or ()):
+        rows.append(f"| expert {e} | {100 * float(share):.1f}% |")
+    if health and "router_superclass_accuracy" in health:
+        rows.append(f"| router super-class accuracy | {100 * health['router_superclass_accuracy']:.1f}% |")
+    if rows:
+        lines.append(f"Expert load in percent of the routed {unit} (balanced: {balanced:.1f}% each):\n\n"
+                     "| | |\n|---|---|\n" + "\n".join(rows))
+    return "\n\n".join(lines)
+
+
 def build_model_card(
     model_or_config,
     repo_id: str,
@@ -163,18 +229,34 @@ def build_model_card(
     base_model: str | None = None,
     license: str = "apache-2.0",
     extra_notes: str | None = None,
+    trained_from: str | None = None,
+    upcycled: bool = False,
+    routing_health: Mapping | None = None,
+    expert_load: Sequence[float] | None = None,
+    training: Mapping | None = None,
 ) -> ModelCard:
     """A model card for a VMoE model or config.
 
     trained_on: what the weights were trained on, in words (None = the weights are untrained and the card says so).
     eval_results: `EvalResult`s or dicts {"dataset", "metric", "value"} -> the card's model-index.
+    trained_from: with `trained_on`, where the training started from: "scratch" (`SCRATCH`, random initialisation),
+    a checkpoint (a local path is named without a link; an `org/name` Hub id is linked and becomes `base_model`); `upcycled`: it was a dense
+    model whose MLP became the experts; None = not stated. routing_health: `hf_vmoe.callbacks.routing_health`'s dict (e.g.
+    `RouterStatsCallback.health`); expert_load: each expert's share of the routed items; training: a few
+    hyperparameters, {name: value}, listed as they are.
     """
     config = model_or_config if isinstance(model_or_config, VMoEConfig) else model_or_config.config
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
     if eval_results and trained_on is None:
         raise ValueError("eval_results were given for untrained weights: pass trained_on= to say what they came from")
+    if (trained_from is not None or routing_health or expert_load or training) and trained_on is None:
+        raise ValueError("trained_from / routing_health / expert_load / training describe trained weights: pass "
+                         "trained_on= to say what they were trained on")
     model_name = repo_id.split("/")[-1]
+    origin, origin_id = describe_origin(trained_from, upcycled) if trained_on else (None, None)
+    if base_model is None:
+        base_model = origin_id
     arch = architecture_summary(config)
     tags = ["vision", "image-classification", "mixture-of-experts", "vmoe", f"{config.routing_level}-routing"]
     if config.routing_level == "image":
@@ -215,7 +297,7 @@ def build_model_card(
     )
     weights = trained_on or UNTRAINED
     status = (
-        f"Weights: {weights}."
+        f"Weights: {weights}." + (f" {origin}" if origin else "")
         if trained_on
         else "**These weights are randomly initialised: no trained checkpoint has been published yet.** The card "
         "describes the architecture; predictions from these weights are meaningless."
@@ -226,6 +308,13 @@ def build_model_card(
         for r in data.eval_results:
             rows.append(f"| {r.dataset_name} | {r.dataset_split or ''} | {r.metric_name} | {r.metric_value:.4g} |")
         results_md = "\n## Evaluation\n\n" + "\n".join(rows) + "\n"
+    if trained_on and (routing_health or expert_load):
+        results_md += ("\n## Routing health\n\n"
+                       + routing_health_section(routing_health, config.num_experts, expert_load, config.routing_level)
+                       + "\n")
+    if trained_on and training:
+        results_md += ("\n## Training\n\n| | |\n|---|---|\n"
+                       + "\n".join(f"| {k} | {v} |" for k, v in training.items()) + "\n")
 
     body = f"""
 # {model_name}
@@ -371,7 +460,7 @@ def main(argv=None):
 
 
 __all__ = ["build_model_card", "publish", "count_parameters", "architecture_summary", "superclass_summary",
-           "preset_config", "CITATIONS"]
+           "preset_config", "describe_origin", "SCRATCH", "routing_health_section", "CITATIONS"]
 
 
 if __name__ == "__main__":
