@@ -7,6 +7,7 @@
     hf-vmoe superclasses from-confusion CM.{npy,csv,json} --num-experts E [--class-names FILE] -o F
     hf-vmoe superclasses show FILE [--model DIR | --class-names FILE]
     hf-vmoe analyze MODEL_DIR --data-dir DIR [--output-dir DIR] [...]  routing heatmaps, specialisation, recommendation
+    hf-vmoe convert-vmoe CHECKPOINT_PREFIX --config NAME_OR_FIELDS -o OUT_DIR  a Google vmoe checkpoint -> VMoE folder
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def build_parser():
                        "per MoE layer, recommended config")
     analyze_arguments(p)
 
+    from .convert_vmoe import add_cli_arguments as convert_vmoe_arguments
+
+    p = sub.add_parser("convert-vmoe", help="convert a Google vmoe (JAX) checkpoint into a VMoE folder")
+    convert_vmoe_arguments(p)
+
     p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("from-model", help="confusion matrix of a trained dense model on a held-out split")
@@ -204,6 +210,10 @@ def main(argv=None) -> int:
 
             analyze_run(args)
             return 0
+        if args.command == "convert-vmoe":
+            from .convert_vmoe import run_cli as convert_vmoe_run
+
+            return convert_vmoe_run(args)
         if args.command == "superclasses":
             if args.action == "from-model" and not (args.validation_dir or args.dataset_name):
                 parser.error("from-model needs --validation-dir or --dataset-name")
