@@ -984,7 +984,7 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     if bf16:
         reference["bfloat16_dispatch"] = True
         if need("expert_dispatch_dtype", bf16[0], "dispatcher.bfloat16=True: vmoe rounds every expert's input and "
-                "output to bfloat16 (logits differ by about 1e-3 of their scale without it)"):
+                "output to bfloat16 (without it the logits differ by about 2e-3 of their scale)"):
             kwargs["expert_dispatch_dtype"] = "bfloat16"
     return kwargs, reference, issues
 
