@@ -60,7 +60,7 @@ def test_image_router_forced_by_class(tmp_path):
     config = tiny_config(routing_level="image", num_labels=C, num_experts=C, moe_layers=(2, 3), router_input="mean")
     model = VMoEForImageClassification(config).eval()
     encoder = model.vmoe.encoder
-    _force_router(model, encoder.router, encoder.router, lambda x: x)
+    _force_router(model, encoder.router, encoder.router, lambda x: x[:, 1:].mean(dim=1))  # mean patch token
     images, labels = _uniform_images(noise=0.05, n_per_class=6)
     perm = torch.randperm(len(labels))
     batches = [{"pixel_values": images[perm[i : i + 5]], "labels": labels[perm[i : i + 5]]} for i in range(0, 24, 5)]
@@ -93,7 +93,7 @@ def test_token_router_forced_by_pixel_label(tmp_path):
             layer.attention.o_proj.bias.zero_()
     for idx in (0, 2):  # in order: layer 2's inputs depend on layer 0's routing
         router = model.vmoe.encoder.layer[idx].mlp.router
-        _force_router(model, router, router, lambda x: x.view(C, 17, -1)[:, 1])
+        _force_router(model, router, router, lambda x: x[:, 1])
     # mosaics: each 8x8 patch one class colour; pixel labels follow, some pixels ignored (255)
     gen = torch.Generator().manual_seed(0)
     colours = _colours()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 import torch
 from conftest import tiny_config
 from transformers import AutoConfig
@@ -54,11 +55,13 @@ def test_layer_helpers():
     assert resolve_moe_layers("last:0", 12) == ()
 
 
-# Each entry: the overrides, then a piece of text the ValueError must contain (the field or the bad value).
+# Each entry: the overrides, then a piece of text the error must contain (the field or the bad value). Wrong types
+# are caught by @strict (StrictDataclassFieldValidationError, as for transformers' own configs), ranges and
+# combinations by our checks (ValueError).
 INVALID = [
     (dict(num_experts_per_tok=5), "num_experts_per_tok (k=5)"),
     (dict(num_experts=0), "num_experts must be a positive integer, got 0"),
-    (dict(num_experts="4"), "num_experts must be a positive integer, got '4'"),
+    (dict(num_experts="4"), "Field 'num_experts' expected int, got str (value: '4')"),
     (dict(num_experts_per_tok=0), "num_experts_per_tok must be a positive integer"),
     (dict(moe_layers=(4,)), "block index 4"),
     (dict(moe_layers=(-5,)), "block index -5"),
@@ -66,7 +69,7 @@ INVALID = [
     (dict(moe_layers="last:9"), "moe_layers='last:9'"),
     (dict(moe_layers="every:0"), "moe_layers='every:0'"),
     (dict(moe_layers="first:2"), "moe_layers='first:2'"),
-    (dict(moe_layers=["a"]), "moe_layers must be a sequence of block indices"),
+    (dict(moe_layers=["a"]), "Field 'moe_layers' with value ['a']"),
     (dict(routing_level="patch"), "routing_level must be one of ('image', 'token'), got 'patch'"),
     (dict(router_input="max"), "router_input"),
     (dict(pooling="max"), "pooling"),
@@ -75,7 +78,7 @@ INVALID = [
     (dict(superclass_ids=[0, 1, 2]), "superclass_ids has 3 entries but num_labels is 5"),
     (dict(superclass_ids=[0, 1, 2, 3, 4]), "superclass_ids[4] = 4 is out of range"),
     (dict(superclass_ids=[0, 1, 2, 3, -1]), "superclass_ids[4] = -1"),
-    (dict(superclass_ids=[0, 1, 2, 3, 0.5]), "superclass_ids must be a list of integer"),
+    (dict(superclass_ids=[0, 1, 2, 3, 0.5]), "Field 'superclass_ids' with value [0, 1, 2, 3, 0.5]"),
     (dict(superclass_ids=[0, 1, 2, 3, 0], routing_level="token"), "needs routing_level='image'"),
     (dict(train_routing="superclass"), "train_routing='superclass' needs superclass_ids"),
     (dict(train_routing="superclass", superclass_ids=[0, 1, 2, 3, 0], shared_router=False), "needs shared_router=True"),
@@ -85,7 +88,7 @@ INVALID = [
     (dict(hidden_size=30, num_attention_heads=4), "hidden_size (30) must be divisible by num_attention_heads (4)"),
     (dict(image_size=30), "image_size (30, 30) must be divisible by patch_size (8, 8)"),
     (dict(patch_size=0), "patch_size must be a positive int"),
-    (dict(image_size=(32, 32, 3)), "image_size must be a positive int or a pair"),
+    (dict(image_size=(32, 32, 3)), "Field 'image_size' with value (32, 32, 3)"),
     (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer, got 0"),
     (dict(num_shared_experts=-1), "num_shared_experts must be an integer >= 0, got -1"),
     (dict(router_noise_std=-0.1), "router_noise_std must be a number >= 0"),
@@ -94,8 +97,14 @@ INVALID = [
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be in [0, 1), got 1.0"),
     (dict(drop_path_rate=1.5), "drop_path_rate must be in [0, 1)"),
     (dict(layer_norm_eps=0), "layer_norm_eps must be a number > 0"),
-    (dict(normalize_router_weights="yes"), "normalize_router_weights must be True or False, got 'yes'"),
-    (dict(layerscale_value="1e-5"), "layerscale_value"),
+    (dict(normalize_router_weights="yes"), "Field 'normalize_router_weights' expected bool, got str (value: 'yes')"),
+    (dict(layerscale_value="1e-5"), "Field 'layerscale_value' with value '1e-5'"),
+    (dict(router_type="switch", routing_level="token"), "router_type must be one of ('top_k', 'expert_choice', 'soft'), got 'switch'"),
+    (dict(router_type="expert_choice"), "router_type='expert_choice' routes tokens: it needs routing_level='token'"),
+    (dict(router_type="soft", routing_level="token", num_slots=0), "num_slots must be a positive integer, got 0"),
+    (dict(router_group_size=17), "router_group_size=17 groups tokens: it needs routing_level='token'"),
+    (dict(router_group_size=0, routing_level="token"), "router_group_size must be None or a positive integer, got 0"),
+    (dict(capacity_multiple_of=0), "capacity_multiple_of must be None or a positive integer, got 0"),
     (dict(expert_intermediate_size=0), "expert_intermediate_size must be a positive integer, got 0"),
     (dict(shared_expert_intermediate_size=-8), "shared_expert_intermediate_size"),
     (dict(out_indices=[9]), "out_indices"),
@@ -105,7 +114,7 @@ INVALID = [
 
 @pytest.mark.parametrize("overrides, message", INVALID, ids=[str(o) for o, _ in INVALID])
 def test_invalid_config_raises_value_error_naming_it(overrides, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises((ValueError, StrictDataclassFieldValidationError)) as err:
         tiny_config(**overrides)
     assert message in str(err.value)
 
@@ -125,7 +134,7 @@ def test_grouped_mm_width_check():
     odd = dict(hidden_size=36, num_attention_heads=2, intermediate_size=68)
     # asked for explicitly: a ValueError naming the widths
     with pytest.raises(ValueError, match=r"multiples of 8, got \{'hidden_size': 36, 'expert_intermediate_size': 68\}"):
-        tiny_config(**odd).validate_vmoe(experts_implementation="grouped_mm")
+        tiny_config(**odd).check_vmoe(experts_implementation="grouped_mm")
     # by default: the model silently uses eager
     model = VMoEForImageClassification(tiny_config(routing_level="token", **odd))
     assert model.config._experts_implementation == "eager"
@@ -134,7 +143,7 @@ def test_grouped_mm_width_check():
     model.set_experts_implementation("batched_mm")
     assert model.config._experts_implementation == "batched_mm"
     # a dense model has no experts: any width is fine
-    tiny_config(moe_layers=(), **odd).validate_vmoe(experts_implementation="grouped_mm")
+    tiny_config(moe_layers=(), **odd).check_vmoe(experts_implementation="grouped_mm")
     # default backend: eager on CPU-only machines (fastest there, the README (Performance)), grouped_mm when a GPU is present
     expected = "grouped_mm" if torch.cuda.is_available() else "eager"
     assert VMoEForImageClassification(tiny_config(routing_level="token")).config._experts_implementation == expected

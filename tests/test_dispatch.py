@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_config
 from hf_vmoe import VMoEForImageClassification
-from hf_vmoe.modeling_vmoe import VMoEExperts, VMoESparseMoeBlock, apply_token_experts, route
+from hf_vmoe.modeling_vmoe import VMoEExperts, VMoESparseMoeBlock
 
 BACKENDS = ("eager", "grouped_mm", "batched_mm")
 ATOL = 2e-5
@@ -116,12 +116,15 @@ def test_token_backends_agree_with_capacity(backend):
             param.normal_(0, 0.3)
         block.router.weight.normal_(0, 1.0)
     x = torch.randn(3, 17, 32)
-    flat = x.reshape(-1, 32)
-    routing = route(block.router, flat, config)
+    _, routing = block.router(x)
     assert routing.keep is not None and not bool(routing.keep.all())
-    want = apply_token_experts(block.experts, flat, routing)
+    want = routing.apply(block.experts, x).reshape(-1, 32)
     other = clone_experts(block.experts, backend)
-    torch.testing.assert_close(apply_token_experts(other, flat, routing), want, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(routing.apply(other, x).reshape(-1, 32), want, atol=ATOL, rtol=1e-5)
+    # kept assignments only: the dense reference with dropped weights zeroed
+    flat = x.reshape(-1, 32)
+    torch.testing.assert_close(want, reference(block.experts, flat, routing.top_k_index, routing.top_k_weights),
+                               atol=ATOL, rtol=1e-5)
     dropped_rows = ~routing.keep.any(dim=1)
     assert bool(dropped_rows.any()) and want[dropped_rows].abs().max() == 0
 

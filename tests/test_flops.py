@@ -19,7 +19,13 @@ CONFIGS = {
                                                      layerscale_value=0.1, qkv_bias=False),
     "image_narrow_experts_all_blocks": dict(moe_layers="all", expert_intermediate_size=24, num_experts=3,
                                             patch_size=4),
+    "expert_choice_per_image_groups": dict(routing_level="token", router_type="expert_choice", router_group_size=17,
+                                           capacity_factor=1.5, num_shared_experts=1),
+    "expert_choice_batch_group_multiple_of_4": dict(routing_level="token", router_type="expert_choice",
+                                                    capacity_multiple_of=4),
+    "soft_two_slots": dict(routing_level="token", router_type="soft", num_slots=2, moe_layers="every:2"),
 }
+ALL_EXPERTS_ACTIVE = ("expert_choice", "soft")  # every expert computes part of every image
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -32,7 +38,7 @@ def test_params_match_the_model(name):
     if config.is_moe:
         per_expert = 2 * config.hidden_size * config.expert_intermediate_size + config.expert_intermediate_size \
             + config.hidden_size
-        idle = config.num_experts - config.num_experts_per_tok
+        idle = 0 if config.router_type in ALL_EXPERTS_ACTIVE else config.num_experts - config.num_experts_per_tok
         assert total - active == idle * per_expert * len(config.moe_layers)
     else:
         assert total == active
@@ -54,8 +60,13 @@ def test_flops_match_flop_counter(name):
     config = tiny_config(**CONFIGS[name])
     model = VMoEForImageClassification(config)
     batch = torch.randn(5, 3, 32, 32)
-    assert count_flops(config).flops * 5 == brute_force_flops(model, batch)
-    assert measure_flops(model, batch) == count_flops(config).flops
+    expected = count_flops(config, batch_size=5).flops * 5
+    if config.router_type == "expert_choice" and config.router_group_size is None:
+        # capacity is shared by the batch's 85 tokens: the per-image figure is a fraction (rounded in ModelCost)
+        assert brute_force_flops(model, batch) == pytest.approx(expected, abs=5)
+        return
+    assert expected == brute_force_flops(model, batch)
+    assert measure_flops(model, batch) == count_flops(config, batch_size=5).flops
 
 
 def test_image_routing_costs_the_dense_twin_plus_the_router():

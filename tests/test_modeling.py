@@ -103,7 +103,8 @@ def test_expert_counts_match_routed_items(routing):
     level, shared_router = routing
     model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
                                                    num_experts_per_tok=2)).eval()
-    out = model(pixels(3))
+    assert model(pixels(3)).expert_counts is None  # plain inference computes no routing statistics
+    out = model(pixels(3), output_router_logits=True)
     items = 3 if level == "image" else 3 * SEQ
     assert out.expert_counts.shape == (1 if shared_router else 2, 4)
     assert (out.expert_counts.sum(-1) == items * 2).all()
@@ -182,8 +183,9 @@ def test_output_flags(routing):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
 def test_no_routing_runs_every_expert_on_every_input(routing, k, monkeypatch):
-    """Count what VMoEExperts.expert_forward computes: each expert sees only the items routed to it, once per
-    block, and the total is B * k images (image routing) or B * S * k tokens (token routing)."""
+    """Count what VMoEExperts.expert_forward computes: each expert sees only the rows routed to it, once per
+    block, and the total is B * S * k token rows (image routing: the S tokens of each of the B * k image
+    assignments)."""
     level, shared_router = routing
     model = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router,
                                                    num_experts_per_tok=k, num_experts=4)).eval()
@@ -198,15 +200,16 @@ def test_no_routing_runs_every_expert_on_every_input(routing, k, monkeypatch):
     monkeypatch.setattr(VMoEExperts, "expert_forward", counting)
     for batch in (1, 5):
         calls.clear()
-        out = model(pixels(batch))
-        items = batch if level == "image" else batch * SEQ
+        out = model(pixels(batch), output_router_logits=True)
+        items = batch * SEQ
+        rows_per_item = SEQ if level == "image" else 1  # expert_counts counts images for image routing
         for block, row in zip(moe_blocks(model), routing_rows(model)):
             mine = [(e, n) for owner, e, n in calls if owner == id(block.experts)]
             experts_called = [e for e, _ in mine]
             assert len(experts_called) == len(set(experts_called)), "an expert ran twice in one block"
             assert sum(n for _, n in mine) == items * k
             for e, n in mine:
-                assert n == out.expert_counts[row, e]
+                assert n == out.expert_counts[row, e] * rows_per_item
             assert len(mine) == int((out.expert_counts[row] > 0).sum())
         assert len(calls) <= 2 * 4
 
@@ -295,8 +298,7 @@ def test_eval_is_deterministic_and_noise_free(routing):
     second = model(x, output_router_logits=True)
     assert torch.equal(first.logits, second.logits) and torch.equal(first.expert_counts, second.expert_counts)
     quiet = copy.deepcopy(model)
-    for router in routers(quiet):
-        router.noise_std = 0.0
+    quiet.config.router_noise_std = 0.0
     assert torch.equal(quiet(x).logits, first.logits)
     # in training the noise is applied: the choice of experts changes between two passes
     model.train()
@@ -314,7 +316,7 @@ def test_capacity_drops_only_where_configured(routing):
 
     def routed(model, train):
         model.train(train)
-        return model(pixels(batch)).expert_counts.sum(-1)
+        return model(pixels(batch), output_router_logits=True).expert_counts.sum(-1)
 
     dropless = VMoEForImageClassification(tiny_config(routing_level=level, shared_router=shared_router))
     assert (routed(dropless, True) == items).all() and (routed(dropless, False) == items).all()

@@ -42,7 +42,7 @@ CHILD = textwrap.dedent(
     x = torch.load(inputs)
     out = {}
     for task, folder in zip(sys.argv[3::2], sys.argv[4::2]):
-        auto = AutoModelForImageClassification if task == "cls" else AutoModelForSemanticSegmentation
+        auto = AutoModelForImageClassification if task.startswith("cls") else AutoModelForSemanticSegmentation
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         with torch.no_grad():
@@ -59,6 +59,10 @@ def test_trust_remote_code_without_hf_vmoe(tmp_path):
     models = {
         "cls": VMoEForImageClassification(tiny_config(num_experts_per_tok=2)).eval(),
         "seg": VMoEForSemanticSegmentation(tiny_config(routing_level="token", num_shared_experts=1)).eval(),
+        "cls-expert-choice": VMoEForImageClassification(
+            tiny_config(routing_level="token", router_type="expert_choice", router_group_size=17)).eval(),
+        "seg-soft": VMoEForSemanticSegmentation(
+            tiny_config(routing_level="token", router_type="soft", num_slots=2, num_shared_experts=1)).eval(),
     }
     args = []
     for task, model in models.items():

@@ -4,6 +4,8 @@ and the per-rank report (expert counts, local aux losses, a parameter snapshot).
 import json
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 from torch.utils.data import Dataset
 
@@ -82,14 +84,15 @@ def force_first_experts(model):
     """Route every item to experts 0..k-1 (router gradients still flow through the softmax probabilities)."""
 
     def hook(router, args, output):
-        logits, _, index = output
-        forced = torch.arange(router.top_k, device=logits.device).expand_as(index)
+        logits, plan = output
+        forced = torch.arange(router.top_k, device=logits.device).expand_as(plan.top_k_index)
         weights = logits.softmax(-1).gather(1, forced)
-        if router.normalize:
+        if router.config.normalize_router_weights:
             weights = weights / weights.sum(-1, keepdim=True)
-        return logits, weights, forced
+        return logits, replace(plan, top_k_index=forced, top_k_weights=weights, keep=None)
 
-    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, VMoETopKRouter)]
+    # prepend: run before transformers' output-capture hooks, so the recorded plan is the one the model applies
+    return [m.register_forward_hook(hook, prepend=True) for m in model.modules() if isinstance(m, VMoETopKRouter)]
 
 
 class RoutingRecorder:

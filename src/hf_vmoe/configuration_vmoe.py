@@ -7,6 +7,7 @@ routed to experts (whole images as in Mobile V-MoE, or tokens as in V-MoE / ViMo
 
 import operator
 
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -14,7 +15,13 @@ ROUTING_LEVELS = ("image", "token")
 ROUTER_INPUTS = ("cls", "mean")
 POOLINGS = ("cls", "mean", "cls_mean")
 TRAIN_ROUTINGS = ("router", "superclass")
+ROUTER_TYPES = ("top_k", "expert_choice", "soft")
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def to_pair(value) -> tuple[int, int]:
+    """`image_size` / `patch_size` as a (height, width) pair."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 def last_layers(num_hidden_layers: int, count: int) -> tuple[int, ...]:
@@ -68,10 +75,11 @@ def resolve_moe_layers(spec, num_hidden_layers: int) -> tuple[int, ...]:
     return tuple(sorted(resolved))
 
 
+@strict
 class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
-    Configuration of a Vision Mixture-of-Experts Transformer (a ViT whose MLP blocks are partly replaced by MoE
-    blocks). Defaults give Mobile V-MoE-Tiny: ViT-Tiny (12 x 192, 3 heads, MLP 768, patch 16, 224 px) with a single
+    Configuration of a Vision Mixture-of-Experts Transformer: a ViT whose MLP blocks are partly replaced by MoE
+    blocks. Defaults give Mobile V-MoE-Tiny: ViT-Tiny (12 x 192, 3 heads, MLP 768, patch 16, 224 px) with one
     per-image router sending each image to 1 of 10 experts in the last two blocks.
 
     ViT fields (`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`, `hidden_act`,
@@ -82,8 +90,12 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
 
     MoE fields:
         routing_level (`str`): `"image"` routes whole images (Mobile V-MoE); `"token"` routes each token (V-MoE, ViMoE).
+        router_type (`str`): `"top_k"` (each item picks its k experts; both levels), `"expert_choice"` (each expert
+            picks its top-C tokens, Zhou et al. 2022; token routing) or `"soft"` (Soft MoE, Puigcerver et al. 2023:
+            each expert processes `num_slots` softmax-weighted mixes of an image's tokens; token routing).
         num_experts (`int`): experts per MoE block.
-        num_experts_per_tok (`int`): k, experts per image (image routing) or per token (token routing).
+        num_experts_per_tok (`int`): k of top-k routing, experts per image (image routing) or per token.
+        num_slots (`int`): Soft MoE slots per expert (per image).
         moe_layers (`tuple[int]` | `str` | None): MoE block indices; None = last two blocks; also `"last:L"`,
             `"every:n"`, `"all"`, `"none"` (a dense ViT). Stored resolved, as a tuple of indices.
         expert_intermediate_size (`int`, None = `intermediate_size`): hidden width of each routed expert.
@@ -95,22 +107,31 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             patch tokens (`"mean"`) of the hidden states entering the (first) MoE block.
         normalize_router_weights (`bool`): renormalise the top-k combine weights to sum to one (False = V-MoE:
             the softmax probabilities of the chosen experts).
-        capacity_factor (`float`, None = dropless): training-time expert capacity, ceil(k * N * factor / E) per
-            expert over the N routed items of a batch; overflowing assignments are dropped (the residual carries
-            the input). `eval_capacity_factor` is the same at inference (None = dropless, the default).
+        capacity_factor (`float`, None = dropless): training-time expert capacity, ceil(k * n * factor / E) per
+            expert and routing group of n items; overflowing assignments are dropped (the residual carries the
+            input). `eval_capacity_factor` is the same at inference (None = dropless). Expert choice always has a
+            capacity: C = ceil(n * factor / E), with factor = `capacity_factor` (None = 1.0) in training and
+            `eval_capacity_factor` (None = the training factor) at inference.
+        capacity_multiple_of (`int`, optional): round capacities up to a multiple of this (V-MoE uses 4).
+        router_group_size (`int`, optional): token routing only; tokens are routed in independent groups of this
+            many tokens (consecutive in batch order, as V-MoE's `group_size`), each with its own capacity. None =
+            one group per batch. Must divide the number of tokens of a batch.
         batch_priority_routing (`bool`): with a capacity, items with the highest router weight are served first.
         router_noise_std (`float`): std of Gaussian noise added to router logits in training only.
         router_aux_loss_coef (`float`): switch-style load-balancing loss coefficient.
         router_importance_loss_coef (`float`): V-MoE importance loss (squared coefficient of variation).
         router_z_loss_coef (`float`): ST-MoE router z-loss coefficient.
-        output_router_logits (`bool`): return router logits in the outputs (aux losses are added to `loss`
-            whenever labels are given, whatever this says).
+        output_router_logits (`bool`): return router logits and routing statistics in the outputs (the aux loss is
+            computed and added to `loss` whenever the model trains or gets labels, whatever this says).
         superclass_ids (`list[int]`, optional): length `num_labels`, class -> super-class in [0, num_experts).
         superclass_loss_coef (`float`): weight of the router's super-class cross-entropy (Mobile V-MoE: 0.3).
         train_routing (`str`): `"router"` routes by the router in training; `"superclass"` routes each training
             image to the expert of its label's super-class (image routing; the router still learns through the
             super-class loss). Inference always routes by the router.
         out_features / out_indices: backbone stages (`"stem"`, `"stage1"` ... `"stageN"`).
+
+    Types are checked by `@strict` on assignment; ranges and combinations by the `validate_*` methods, which
+    construction runs first (raising a `ValueError` that names the bad value) and `validate()` runs again.
     """
 
     model_type = "vmoe"
@@ -125,21 +146,23 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     num_attention_heads: int = 3
     intermediate_size: int = 768
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = 1e-12
     image_size: int | list[int] | tuple[int, int] = 224
     patch_size: int | list[int] | tuple[int, int] = 16
     num_channels: int = 3
     qkv_bias: bool = True
-    layerscale_value: float | None = None
-    drop_path_rate: float = 0.0
+    layerscale_value: float | int | None = None
+    drop_path_rate: float | int = 0.0
     pooling: str = "cls"
     # MoE
     routing_level: str = "image"
+    router_type: str = "top_k"
     num_experts: int = 10
     num_experts_per_tok: int = 1
+    num_slots: int = 1
     moe_layers: tuple[int, ...] | list[int] | str | None = None
     expert_intermediate_size: int | None = None
     num_shared_experts: int = 0
@@ -147,16 +170,18 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     shared_router: bool | None = None
     router_input: str = "mean"
     normalize_router_weights: bool = False
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
+    capacity_factor: float | int | None = None
+    eval_capacity_factor: float | int | None = None
+    capacity_multiple_of: int | None = None
+    router_group_size: int | None = None
     batch_priority_routing: bool = True
-    router_noise_std: float = 0.0
-    router_aux_loss_coef: float = 0.01
-    router_importance_loss_coef: float = 0.0
-    router_z_loss_coef: float = 0.001
+    router_noise_std: float | int = 0.0
+    router_aux_loss_coef: float | int = 0.01
+    router_importance_loss_coef: float | int = 0.0
+    router_z_loss_coef: float | int = 0.001
     output_router_logits: bool = False
     superclass_ids: tuple[int, ...] | list[int] | None = None
-    superclass_loss_coef: float = 0.3
+    superclass_loss_coef: float | int = 0.3
     train_routing: str = "router"
     # backbone
     _out_features: list[str] | None = None
@@ -165,8 +190,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) \
-                or self.num_hidden_layers < 1:
+        if not self.num_hidden_layers >= 1:
             raise ValueError(f"num_hidden_layers must be a positive integer, got {self.num_hidden_layers!r}")
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
         if self.expert_intermediate_size is None:
@@ -175,64 +199,57 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             self.shared_expert_intermediate_size = self.expert_intermediate_size
         if self.shared_router is None:
             self.shared_router = self.routing_level == "image"
-        if self.superclass_ids is not None:
-            try:
-                self.superclass_ids = [operator.index(s) for s in self.superclass_ids]
-            except TypeError:
-                raise ValueError(
-                    f"superclass_ids must be a list of integer super-class ids, got {self.superclass_ids!r}"
-                ) from None
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
         super().__post_init__(**kwargs)
-        self.validate_vmoe()
+        self.check_vmoe()
 
     @property
     def is_moe(self) -> bool:
         return len(self.moe_layers) > 0
 
-    def validate_vmoe(self, experts_implementation: str | None = None) -> None:
-        """Check every field and combination; raise a ValueError that names the bad value.
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Expert-parallel plan of token routing, for `from_pretrained(..., distributed_config=DistributedConfig(
+        ep_size=...))`: the stacked expert tensors are split on the expert dimension and the experts call is
+        dispatched to the ranks that hold them. Image routing has no plan (it runs whole images per expert)."""
+        if self.routing_level != "token" or not self.is_moe:
+            return None
+        experts = "encoder.layer.*.mlp.experts"
+        plan = {f"{experts}.{name}": "grouped_gemm" for name in ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")}
+        plan[experts] = "ep_dispatch_experts"
+        return plan
 
-        Called at the end of construction and again when a model is built (fields may be changed after
-        construction). `experts_implementation` is the backend the model will use, when known."""
+    def check_vmoe(self, experts_implementation: str | None = None) -> None:
+        """Run every `validate_*` check of this class, raising its `ValueError` directly (`validate()` wraps it).
 
-        def positive_int(name):
+        Called at construction and again when a model is built (fields may change after construction).
+        `experts_implementation` is the backend the model will use, when known."""
+        self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
+        self.validate_vmoe_sizes()
+        self.validate_vmoe_rates()
+        self.validate_vmoe_routing()
+        self.validate_vmoe_superclasses()
+        if experts_implementation == "grouped_mm" and self.is_moe:
+            # torch's CPU grouped_mm needs 16-byte aligned strides: widths must be multiples of 8 (fp32 and bf16)
+            bad = {n: getattr(self, n) for n in ("hidden_size", "expert_intermediate_size") if getattr(self, n) % 8}
+            if bad:
+                raise ValueError(
+                    f"experts_implementation='grouped_mm' needs expert widths that are multiples of 8, got {bad}; "
+                    "use experts_implementation='eager' or change the widths"
+                )
+
+    def validate_vmoe_sizes(self):
+        """Widths, counts and the patch grid."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
+                     "num_experts", "num_experts_per_tok", "num_slots", "expert_intermediate_size",
+                     "shared_expert_intermediate_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-        def non_negative(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-
-        def one_of(name, choices):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
-                     "num_experts", "num_experts_per_tok", "expert_intermediate_size",
-                     "shared_expert_intermediate_size"):
-            positive_int(name)
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "router_noise_std",
-                     "router_aux_loss_coef", "router_importance_loss_coef", "router_z_loss_coef",
-                     "superclass_loss_coef", "initializer_range"):
-            non_negative(name)
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            if not getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
-        for name in ("qkv_bias", "normalize_router_weights", "batch_priority_routing", "output_router_logits",
-                     "shared_router", "apply_layernorm", "reshape_hidden_states"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
-                or self.num_shared_experts < 0:
+        if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -243,32 +260,67 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             pair = value if isinstance(value, (list, tuple)) else (value, value)
             if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
                 raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-        image = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
-        patch = self.patch_size if isinstance(self.patch_size, (list, tuple)) else (self.patch_size,) * 2
+        image, patch = to_pair(self.image_size), to_pair(self.patch_size)
         if image[0] % patch[0] or image[1] % patch[1]:
             raise ValueError(f"image_size {tuple(image)} must be divisible by patch_size {tuple(patch)}")
-        one_of("hidden_act", ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"))
-        one_of("pooling", POOLINGS)
-        one_of("routing_level", ROUTING_LEVELS)
-        one_of("router_input", ROUTER_INPUTS)
-        one_of("train_routing", TRAIN_ROUTINGS)
-        self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
+
+    def validate_vmoe_rates(self):
+        """Coefficients, probabilities and epsilons."""
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "router_noise_std",
+                     "router_aux_loss_coef", "router_importance_loss_coef", "router_z_loss_coef",
+                     "superclass_loss_coef", "initializer_range"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+        for name in ("capacity_multiple_of", "router_group_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+
+    def validate_vmoe_routing(self):
+        """Choices and the combinations of routing fields that fit together."""
+        choices = {
+            "hidden_act": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"),
+            "pooling": POOLINGS, "routing_level": ROUTING_LEVELS, "router_type": ROUTER_TYPES,
+            "router_input": ROUTER_INPUTS, "train_routing": TRAIN_ROUTINGS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok (k={self.num_experts_per_tok}) must be <= num_experts ({self.num_experts})"
             )
         if self.routing_level == "token" and self.shared_router:
             raise ValueError("shared_router=True is only supported with routing_level='image' (got 'token')")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
-        if self.layerscale_value is not None and (
-            isinstance(self.layerscale_value, bool) or not isinstance(self.layerscale_value, (int, float))
-        ):
-            raise ValueError(f"layerscale_value must be None or a number, got {self.layerscale_value!r}")
+        if self.router_type != "top_k" and self.routing_level != "token":
+            raise ValueError(
+                f"router_type={self.router_type!r} routes tokens: it needs routing_level='token', "
+                f"got {self.routing_level!r}"
+            )
+        if self.router_group_size is not None and self.routing_level != "token":
+            raise ValueError(
+                f"router_group_size={self.router_group_size} groups tokens: it needs routing_level='token', "
+                f"got {self.routing_level!r}"
+            )
+
+    def validate_vmoe_superclasses(self):
+        """The class -> super-class map of super-class guided routing (Mobile V-MoE)."""
         if self.superclass_ids is not None:
-            ids = list(self.superclass_ids)
+            try:
+                ids = [operator.index(s) for s in self.superclass_ids]
+            except TypeError:
+                raise ValueError(
+                    f"superclass_ids must be a list of integer super-class ids, got {self.superclass_ids!r}"
+                ) from None
             if len(ids) != self.num_labels:
                 raise ValueError(
                     f"superclass_ids has {len(ids)} entries but num_labels is {self.num_labels}: "
@@ -292,14 +344,6 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                 "train_routing='superclass' needs shared_router=True (one routing decision per image), "
                 f"got {self.shared_router!r}"
             )
-        if experts_implementation == "grouped_mm" and self.is_moe:
-            # torch's CPU grouped_mm needs 16-byte aligned strides: widths must be multiples of 8 (fp32 and bf16)
-            bad = {n: getattr(self, n) for n in ("hidden_size", "expert_intermediate_size") if getattr(self, n) % 8}
-            if bad:
-                raise ValueError(
-                    f"experts_implementation='grouped_mm' needs expert widths that are multiples of 8, got {bad}; "
-                    "use experts_implementation='eager' or change the widths"
-                )
 
 
-__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers"]
+__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers", "to_pair"]

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .configuration_vmoe import VMoEConfig
-
-
-def _pair(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
+from .configuration_vmoe import VMoEConfig, to_pair
+from .modeling_vmoe import flop_breakdown
 
 
 @dataclass
@@ -56,8 +53,8 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
         raise ValueError(f"head must be 'classification' or None, got {head!r}")
     h = config.hidden_size
     c = config.num_channels
-    ph, pw = _pair(config.patch_size)
-    ih, iw = _pair(config.image_size)
+    ph, pw = to_pair(config.patch_size)
+    ih, iw = to_pair(config.image_size)
     num_patches = (ih // ph) * (iw // pw)
     e, k = config.num_experts, config.num_experts_per_tok
     ie = config.expert_intermediate_size
@@ -72,7 +69,10 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
     if config.num_shared_experts:
         width = config.num_shared_experts * config.shared_expert_intermediate_size
         shared = 2 * h * width + width + h
-    per_layer_router = 0 if (config.routing_level == "image" and config.shared_router) else e * h
+    router_outputs = e * config.num_slots if config.router_type == "soft" else e
+    per_layer_router = 0 if (config.routing_level == "image" and config.shared_router) else router_outputs * h
+    # expert choice and Soft MoE run every expert on part of every image: all experts are active
+    k = e if config.router_type in ("expert_choice", "soft") else k
 
     total = active = embed + 2 * h  # + final layer norm
     for idx in range(config.num_hidden_layers):
@@ -93,43 +93,17 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
     return total, active
 
 
-def count_flops(config: VMoEConfig, head: str = "classification", image_size=None) -> ModelCost:
+def count_flops(config: VMoEConfig, head: str = "classification", image_size=None, batch_size: int = 1) -> ModelCost:
     """Per-image FLOPs (2 x MACs) and parameters of `config`; `image_size` overrides the config's resolution (the
-    model then interpolates its position embeddings)."""
-    h = config.hidden_size
-    c = config.num_channels
-    ph, pw = _pair(config.patch_size)
-    ih, iw = _pair(image_size if image_size is not None else config.image_size)
-    if ih % ph or iw % pw:
-        raise ValueError(f"image_size {(ih, iw)} is not divisible by patch_size {(ph, pw)}")
-    num_patches = (ih // ph) * (iw // pw)
-    t = num_patches + 1
-    e, k = config.num_experts, config.num_experts_per_tok
-    ie = config.expert_intermediate_size
-
-    b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
-         "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "classifier": 0}
-    all_experts = 0
-    for idx in range(config.num_hidden_layers):
-        b["attention_projections"] += 4 * 2 * t * h * h
-        b["attention_matmuls"] += 2 * 2 * t * t * h
-        if idx not in config.moe_layers:
-            b["mlp"] += 2 * 2 * t * h * config.intermediate_size
-            continue
-        expert = 2 * 2 * t * h * ie  # one expert on every token of the image
-        b["experts"] += k * expert
-        all_experts += (e - k) * expert
-        if config.num_shared_experts:
-            b["shared_experts"] += 2 * 2 * t * h * config.num_shared_experts * config.shared_expert_intermediate_size
-        if config.routing_level == "token":
-            b["router"] += 2 * t * h * e
-        elif not config.shared_router:
-            b["router"] += 2 * h * e
-    if config.is_moe and config.routing_level == "image" and config.shared_router:
-        b["router"] += 2 * h * e
-    if head == "classification" and config.num_labels > 0:
-        b["classifier"] = 2 * h * (2 if config.pooling == "cls_mean" else 1) * config.num_labels
+    model then interpolates its position embeddings). `batch_size` matters only for expert-choice routing, whose
+    capacity is per routing group (the batch, unless `router_group_size` is set)."""
+    b = flop_breakdown(config, image_size, batch_size, head)
     flops = sum(b.values())
+    ih, iw = to_pair(image_size if image_size is not None else config.image_size)
+    ph, pw = to_pair(config.patch_size)
+    t = (ih // ph) * (iw // pw) + 1
+    expert = 2 * 2 * t * config.hidden_size * config.expert_intermediate_size  # one expert on every token
+    all_experts = config.num_experts * expert * len(config.moe_layers) - b["experts"]
     total, active = count_params(config, head)
     return ModelCost(
         params_total=total, params_active=active, flops=flops, flops_all_experts=flops + all_experts,
@@ -148,7 +122,7 @@ def measure_flops(model, pixel_values=None, batch_size: int = 2) -> int:
 
     config = model.config
     if pixel_values is None:
-        ih, iw = _pair(config.image_size)
+        ih, iw = to_pair(config.image_size)
         pixel_values = torch.randn(batch_size, config.num_channels, ih, iw, device=next(model.parameters()).device)
     was_training = model.training
     attn = config._attn_implementation

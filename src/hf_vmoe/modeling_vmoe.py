@@ -1,16 +1,20 @@
 """PyTorch VMoE: Vision Transformers with sparse mixture-of-experts MLP blocks.
 
-One file holds every class a checkpoint needs (so `trust_remote_code` works and transformers' experts interface
-can switch backends). Layout follows transformers' ViT / DINOv2 / Qwen2-MoE:
+One file holds every class a checkpoint needs (`trust_remote_code` copies it, and transformers' experts interface
+only switches backends for experts classes defined beside the model). Layout follows transformers' ViT / DINOv2 /
+Qwen2-MoE:
 
-    VMoEEmbeddings -> [VMoELayer] x N -> LayerNorm -> head
-    VMoELayer      = attention + (VMoEMLP | VMoESparseMoeBlock), pre-norm residuals, optional layer scale
-    VMoESparseMoeBlock = router (token routing, or image routing with one router per block)
-                         + VMoEExperts (stacked (E, out, in) tensors) + optional shared expert
+    VMoEEmbeddings -> VMoEEncoder: [VMoELayer] x N -> LayerNorm -> head
+    VMoELayer          = attention + (VMoEMLP | VMoESparseMoeBlock), pre-norm residuals, optional layer scale
+    VMoESparseMoeBlock = router -> routing plan -> VMoEExperts (stacked (E, out, in) tensors) + shared expert
 
-A router returns a routing plan (`VMoERouting`: logits, chosen experts, combine weights); the MoE block applies
-the plan without knowing how it was made. Image routing with `shared_router=True` (Mobile V-MoE) computes one
-plan in the encoder, from the hidden states entering the first MoE block, and every MoE block applies it.
+The routing contract (after google-research/vmoe, where every router returns a dispatcher): a router
+(`VMoERouter` subclass, chosen by `config.router_type`) reads the hidden states and returns
+`(router_logits, plan)`. A plan (`VMoERouting` subclass) says which rows each expert computes
+(`dispatch` -> rows, top_k_index, top_k_weights, the experts interface's inputs) and how their outputs come back
+(`combine`); the MoE block applies any plan without knowing which router made it. `vmoe_routing_loss` turns the
+plans of one forward into the aux loss and the routing statistics. Plans and router logits are recorded by
+transformers' output capture (`_can_record_outputs`), so layers return hidden states only.
 """
 
 import math
@@ -27,10 +31,12 @@ from transformers.integrations.moe import grouped_mm_experts_forward, use_expert
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_vmoe import VMoEConfig
+from .configuration_vmoe import VMoEConfig, to_pair
 
 logger = logging.get_logger(__name__)
 
@@ -41,17 +47,28 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
+class VMoEEncoderOutput(ModelOutput):
+    """`routings`: the routing plans of the forward (one per router call), recorded when asked for."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routings: tuple["VMoERouting", ...] | None = None
+
+
+@dataclass
 class VMoEModelOutput(ModelOutput):
     """
     last_hidden_state: (batch, 1 + num_patches, hidden) after the final layer norm.
     pooler_output: (batch, hidden) or (batch, 2 * hidden) for `pooling="cls_mean"`.
     hidden_states / attentions: per layer, when asked for.
-    router_logits: one (num_routed_items, num_experts) float32 tensor per router call, when asked for.
-    aux_loss: weighted sum of the routing losses (balancing, z-loss, and the super-class loss when super-class
-        labels were given); None for a dense model.
+    The routing fields are filled when the model trains, gets labels, or is asked for `output_router_logits`:
+    router_logits: one float32 tensor per router call, (routed items, experts) (Soft MoE: (tokens, experts x slots)).
+    aux_loss: the routing losses as added to `loss` (balancing, z-loss, super-class loss); None for a dense model.
     superclass_loss / superclass_accuracy: the router's super-class cross-entropy and top-1 accuracy (image
         routing with super-class labels).
-    expert_counts: (num_router_calls, num_experts) number of items each expert received (after capacity).
+    expert_counts: (router calls, experts) items each expert computed (after capacity).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -83,7 +100,7 @@ class VMoEImageClassifierOutput(ModelOutput):
 @dataclass
 class VMoESemanticSegmenterOutput(ModelOutput):
     """`logits`: (batch, num_labels, height, width) at the input resolution. `loss` = pixel cross-entropy
-    (ignoring 255) + `aux_loss`."""
+    (ignoring 255) + `aux_loss`. Other fields as in `VMoEModelOutput`."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -91,40 +108,28 @@ class VMoESemanticSegmenterOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
+    superclass_loss: torch.FloatTensor | None = None
+    superclass_accuracy: torch.FloatTensor | None = None
     expert_counts: torch.LongTensor | None = None
 
 
 @dataclass
 class VMoEBackboneOutput(BackboneOutput):
-    """`BackboneOutput` plus the routing aux loss, so a decode head can add it to its loss."""
+    """`BackboneOutput` plus the routing fields of `VMoEModelOutput`, so a decode head can add `aux_loss`."""
 
-    aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+    superclass_loss: torch.FloatTensor | None = None
+    superclass_accuracy: torch.FloatTensor | None = None
+    expert_counts: torch.LongTensor | None = None
 
 
-@dataclass
-class VMoERouting:
-    """A routing plan for N routed items (images or tokens).
-
-    logits: (N, E) float32 router logits (before noise); used by the losses.
-    top_k_index: (N, k) chosen experts.
-    top_k_weights: (N, k) combine weights (zero where capacity dropped the assignment).
-    keep: (N, k) bool, False where capacity dropped the assignment; None when nothing can be dropped.
-    """
-
-    logits: torch.Tensor
-    top_k_index: torch.Tensor
-    top_k_weights: torch.Tensor
-    keep: torch.Tensor | None = None
+ROUTING_FIELDS = ("router_logits", "aux_loss", "superclass_loss", "superclass_accuracy", "expert_counts")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Embeddings and attention (as in transformers' ViT / DINOv2)
+# Embeddings, attention, MLP (as in transformers' ViT / DINOv2)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _pair(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
 
 
 class VMoEPatchEmbeddings(nn.Module):
@@ -132,8 +137,8 @@ class VMoEPatchEmbeddings(nn.Module):
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
-        self.image_size = _pair(config.image_size)
-        self.patch_size = _pair(config.patch_size)
+        self.image_size = to_pair(config.image_size)
+        self.patch_size = to_pair(config.patch_size)
         self.num_channels = config.num_channels
         self.num_patches = (self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, self.patch_size, stride=self.patch_size)
@@ -218,7 +223,12 @@ class VMoEAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -281,74 +291,401 @@ class VMoEDropPath(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Routing
+# Routing plans
 # --------------------------------------------------------------------------------------------------------------
 
 
-class VMoETopKRouter(nn.Module):
-    """Bias-free linear router in float32: softmax over experts, top-k (V-MoE).
+def _static_shapes() -> bool:
+    """True under tracing, torch.compile and torch.export, where data-dependent shapes are not allowed."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting()
 
-    Input: (N, hidden) routed items (tokens, or one pooled vector per image). Returns (logits, weights, index) like
-    transformers' routers; `VMoESparseMoeBlock.route` turns that into a `VMoERouting` plan with capacity applied.
-    Noise (`router_noise_std`) is added to the logits in training only; the returned logits are noise-free.
-    """
 
-    def __init__(self, config: VMoEConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.noise_std = config.router_noise_std
-        self.normalize = config.normalize_router_weights
-        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+def _is_exporting() -> bool:
+    try:
+        return torch.compiler.is_exporting()
+    except AttributeError:  # older torch
+        return False
 
-    def forward(self, hidden_states: torch.Tensor, forced_index: torch.Tensor | None = None):
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):  # float32 even under autocast
-            logits = F.linear(hidden_states.float(), self.weight.float())
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + torch.randn_like(logits) * self.noise_std
-        probs = noisy.softmax(dim=-1)
-        if forced_index is None:
-            top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
-        else:
-            top_k_index = forced_index
-            top_k_weights = probs.gather(1, top_k_index)
-        if self.normalize:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return logits, top_k_weights, top_k_index
+
+class VMoERouting:
+    """A routing plan over the tokens of a batch `(B, S, H)`, made by a router, applied by `VMoESparseMoeBlock`.
+
+    `dispatch` gives the experts interface its inputs: rows `(R, H)` and their `(R, k)` expert assignments and
+    weights; `combine` brings the `(R, H)` expert outputs back to `(B, S, H)`. Subclasses set `logits` (float32,
+    before noise, for the losses) and `balanced` (True when the load is balanced by construction, so balancing
+    losses do not apply)."""
+
+    logits: torch.Tensor
+    balanced: bool = False
+
+    def dispatch(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def combine(self, expert_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, experts: "VMoEExperts", hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.combine(experts(*self.dispatch(hidden_states)), hidden_states)
+
+    def expert_counts(self, num_experts: int) -> torch.Tensor:
+        """(E,) number of rows each expert computes."""
+        raise NotImplementedError
+
+    def assignment_mass(self, num_experts: int) -> torch.Tensor:
+        """(N, E) how much of each routed item (image or token) goes to each expert, for routing analysis."""
+        raise NotImplementedError
+
+
+@dataclass
+class TopKRouting(VMoERouting):
+    """Top-k routing of N items: tokens (`seq_len` None, N = B * S) or whole images (N = B, every token of an image
+    goes to the image's experts).
+
+    logits: (N, E); top_k_index: (N, k); top_k_weights: (N, k), zero where capacity dropped the assignment;
+    keep: (N, k) bool, False where capacity dropped it (None: nothing dropped)."""
+
+    logits: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    keep: torch.Tensor | None = None
+    seq_len: int | None = None
+
+    def __post_init__(self):
+        # tokens with at least one kept assignment: the only rows the experts compute
+        self.rows = None if self.keep is None or self.seq_len is not None else self.keep.any(dim=1).nonzero().squeeze(1)
+
+    def apply(self, experts, hidden_states):
+        if self.seq_len is not None:  # image routing
+            return experts.forward_images(hidden_states, self.top_k_index, self.top_k_weights)
+        return super().apply(experts, hidden_states)
+
+    def dispatch(self, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * S, H)
+        if self.keep is None:
+            return flat, self.top_k_index, self.top_k_weights
+        # only tokens with a kept assignment reach the experts (the residual carries the others); a dropped second
+        # choice of a kept token points at its first kept expert with weight zero
+        first_kept = self.top_k_index.gather(1, self.keep.int().argmax(dim=1, keepdim=True))
+        index = torch.where(self.keep, self.top_k_index, first_kept)
+        return flat[self.rows], index[self.rows], self.top_k_weights[self.rows]
+
+    def combine(self, expert_output, hidden_states):
+        if self.keep is None:
+            return expert_output.view(hidden_states.shape)
+        out = expert_output.new_zeros(hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1])
+        return out.index_copy(0, self.rows, expert_output).view(hidden_states.shape)
+
+    def expert_counts(self, num_experts):
+        assigned = F.one_hot(self.top_k_index, num_experts)  # (N, k, E)
+        if self.keep is not None:
+            assigned = assigned * self.keep.unsqueeze(-1)
+        return assigned.sum(dim=(0, 1))
+
+    def assignment_mass(self, num_experts):
+        return F.one_hot(self.top_k_index, num_experts).float().sum(dim=1) / self.top_k_index.shape[1]
+
+
+@dataclass
+class ExpertChoiceRouting(VMoERouting):
+    """Expert-choice routing: each expert took its top-C tokens of each routing group.
+
+    logits: (N, E) for the N = B * S tokens; token_index: (R,) the token of each row, R = E * groups * C;
+    expert_index / weights: (R, 1) the row's expert and combine weight (its softmax gate)."""
+
+    logits: torch.Tensor
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weights: torch.Tensor
+    balanced = True
+
+    def apply(self, experts, hidden_states):
+        if experts.implementation != "eager":
+            return super().apply(experts, hidden_states)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, self.token_index)  # expert-major
+        out = experts.forward_per_expert(rows.view(experts.num_experts, -1, rows.shape[-1])).view(rows.shape)
+        return self.combine(out * self.weights.to(out.dtype), hidden_states)
+
+    def dispatch(self, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return flat.index_select(0, self.token_index), self.expert_index, self.weights
+
+    def combine(self, expert_output, hidden_states):
+        out = expert_output.new_zeros(hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1])
+        return out.index_add(0, self.token_index, expert_output).view(hidden_states.shape)
+
+    def expert_counts(self, num_experts):
+        return torch.bincount(self.expert_index.view(-1), minlength=num_experts)
+
+    def assignment_mass(self, num_experts):
+        mass = self.logits.new_zeros(self.logits.shape[0], num_experts)
+        return mass.index_put_((self.token_index, self.expert_index.view(-1)), torch.ones_like(self.token_index,
+                               dtype=mass.dtype), accumulate=True)
+
+
+@dataclass
+class SoftRouting(VMoERouting):
+    """Soft MoE: each of the E x P slots of an image is a softmax-weighted mix of its tokens (`dispatch_weights`,
+    softmax over tokens), every token a softmax-weighted mix of the slot outputs (`combine_weights`, softmax over
+    slots). logits / dispatch_weights / combine_weights: (B, S, E * P)."""
+
+    logits: torch.Tensor
+    dispatch_weights: torch.Tensor
+    combine_weights: torch.Tensor
+    num_slots: int
+    balanced = True
+
+    def apply(self, experts, hidden_states):
+        if experts.implementation != "eager":
+            return super().apply(experts, hidden_states)
+        batch, _, hidden = hidden_states.shape
+        slots = torch.einsum("bsn,bsh->nbh", self.dispatch_weights.to(hidden_states.dtype), hidden_states)
+        out = experts.forward_per_expert(slots.reshape(experts.num_experts, -1, hidden))  # (E, P * B, H)
+        out = out.view(-1, batch, hidden).transpose(0, 1)  # (B, E * P, H)
+        return torch.einsum("bsn,bnh->bsh", self.combine_weights.to(out.dtype), out)
+
+    def dispatch(self, hidden_states):
+        batch, _, hidden = hidden_states.shape
+        num_slots_total = self.dispatch_weights.shape[-1]
+        slots = torch.einsum("bsn,bsh->bnh", self.dispatch_weights.to(hidden_states.dtype), hidden_states)
+        expert_of_slot = torch.arange(num_slots_total, device=hidden_states.device) // self.num_slots
+        index = expert_of_slot.repeat(batch).unsqueeze(1)  # (B * E * P, 1)
+        weights = torch.ones(index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        return slots.reshape(-1, hidden), index, weights
+
+    def combine(self, expert_output, hidden_states):
+        batch, _, hidden = hidden_states.shape
+        slots = expert_output.view(batch, -1, hidden)  # (B, E * P, H)
+        return torch.einsum("bsn,bnh->bsh", self.combine_weights.to(slots.dtype), slots)
+
+    def expert_counts(self, num_experts):
+        batch = self.logits.shape[0]
+        return torch.full((num_experts,), batch * self.num_slots, dtype=torch.long, device=self.logits.device)
+
+    def assignment_mass(self, num_experts):
+        batch, seq, _ = self.dispatch_weights.shape
+        return self.dispatch_weights.view(batch, seq, num_experts, -1).sum(dim=-1).reshape(batch * seq, num_experts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routers: hidden states in, (router_logits, plan) out
+# --------------------------------------------------------------------------------------------------------------
+
+
+def expert_capacity(num_items: int, factor: float, num_experts: int, multiple_of: int | None) -> int:
+    """ceil(num_items * factor / num_experts), at least 1, rounded up to `multiple_of` (V-MoE's `compute_capacity`)."""
+    capacity = max(1, math.ceil(num_items * factor / num_experts))
+    if multiple_of:
+        capacity += (-capacity) % multiple_of
+    return capacity
 
 
 def capacity_keep_mask(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, capacity: int, batch_priority: bool
 ) -> torch.Tensor:
-    """Which (item, slot) assignments fit in the experts' buffers of size `capacity` (V-MoE).
+    """Which (item, slot) assignments fit in expert buffers of size `capacity`, per routing group (V-MoE).
 
-    All first choices are served before any second choice; within a slot, items are served in batch order or, with
-    batch-priority routing, by decreasing top-1 router weight. Returns a (N, k) bool mask.
-    """
-    num_items, top_k = top_k_index.shape
+    top_k_index / top_k_weights: (G, n, k). All first choices of a group are served before any second choice;
+    within a slot, items are served in order or, with batch-priority routing, by decreasing top-1 router weight.
+    Returns a (G, n, k) bool mask."""
+    groups, num_items, top_k = top_k_index.shape
     if batch_priority:
-        order = torch.argsort(top_k_weights[:, 0], descending=True, stable=True)
+        order = torch.argsort(top_k_weights[..., 0], dim=1, descending=True, stable=True)  # (G, n)
     else:
-        order = torch.arange(num_items, device=top_k_index.device)
-    ordered = top_k_index[order].t().reshape(-1)  # slot-major: (k * N,)
-    one_hot = F.one_hot(ordered, num_experts)
-    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # position of each assignment in its buffer
-    keep_ordered = (position < capacity).view(top_k, num_items).t()
-    keep = torch.empty_like(keep_ordered)
-    keep[order] = keep_ordered
-    return keep
+        order = torch.arange(num_items, device=top_k_index.device).expand(groups, num_items)
+    order = order.unsqueeze(-1).expand(-1, -1, top_k)  # (G, n, k)
+    ordered = top_k_index.gather(1, order).transpose(1, 2).reshape(groups, -1)  # (G, k * n), slot-major
+    one_hot = F.one_hot(ordered, num_experts)  # (G, k * n, E)
+    position = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1) - 1  # position of each assignment in its buffer
+    keep_ordered = (position < capacity).view(groups, top_k, num_items).transpose(1, 2)  # (G, n, k)
+    return torch.empty_like(keep_ordered).scatter_(1, order, keep_ordered)
+
+
+class VMoERouter(nn.Module):
+    """Base router: a bias-free linear layer kept in float32 (`weight`: (outputs, hidden)). A subclass implements
+    `forward(hidden_states (B, S, H), superclass_labels=None) -> (router_logits, VMoERouting)`."""
+
+    def __init__(self, config: VMoEConfig, num_outputs: int | None = None):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.weight = nn.Parameter(torch.zeros(num_outputs or config.num_experts, config.hidden_size,
+                                               dtype=torch.float32))
+
+    def compute_logits(self, items: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=items.device.type, enabled=False):  # float32 even under autocast
+            return F.linear(items.float(), self.weight.float())
+
+    def add_noise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise of std `router_noise_std`, in training only."""
+        if self.training and self.config.router_noise_std > 0:
+            return logits + torch.randn_like(logits) * self.config.router_noise_std
+        return logits
+
+    def capacity_factor(self) -> float | None:
+        return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+
+    def groups(self, num_items: int) -> int:
+        """Number of routing groups for `num_items` routed items (`router_group_size`; None = one group)."""
+        size = self.config.router_group_size
+        if size is None:
+            return 1
+        if num_items % size:
+            raise ValueError(
+                f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}"
+            )
+        return num_items // size
+
+
+class VMoETopKRouter(VMoERouter):
+    """Top-k routing (V-MoE, Mobile V-MoE): softmax over experts, each item takes its k best; capacity with
+    batch-priority routing per routing group; with `train_routing="superclass"`, a training image's first expert is
+    its label's super-class. Image routing reads one pooled vector per image (`router_input`)."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__(config)
+        self.top_k = config.num_experts_per_tok
+        self.image_level = config.routing_level == "image"
+
+    def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
+        if self.image_level:  # (B, H): the class token or the mean patch token
+            items = hidden_states[:, 0] if self.config.router_input == "cls" else hidden_states[:, 1:].mean(dim=1)
+        else:  # (B * S, H)
+            items = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = self.compute_logits(items)  # (N, E)
+        probs = self.add_noise(logits).softmax(dim=-1)
+        forced = self.forced_experts(logits, superclass_labels)
+        if forced is None:
+            top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        else:
+            top_k_index, top_k_weights = forced, probs.gather(1, forced)
+        if self.config.normalize_router_weights:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        keep = self.capacity_mask(top_k_index, top_k_weights)
+        if keep is not None:
+            top_k_weights = top_k_weights * keep
+        seq_len = hidden_states.shape[1] if self.image_level else None
+        return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len)
+
+    def forced_experts(self, logits: torch.Tensor, superclass_labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Super-class forcing in training: slot 0 is the label's super-class, the other slots the router's best
+        other experts. None when the router decides."""
+        if not (self.training and self.config.train_routing == "superclass" and superclass_labels is not None):
+            return None
+        forced = superclass_labels.view(-1, 1)
+        if self.top_k > 1:
+            with torch.no_grad():
+                others = logits.scatter(1, forced, float("-inf")).topk(self.top_k - 1, dim=-1).indices
+            forced = torch.cat([forced, others], dim=1)
+        return forced
+
+    def capacity_mask(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor | None:
+        factor = self.capacity_factor()
+        if factor is None:
+            return None
+        num_items = top_k_index.shape[0]
+        groups = self.groups(num_items)
+        group_size = num_items // groups
+        capacity = expert_capacity(group_size * self.top_k, factor, self.num_experts, self.config.capacity_multiple_of)
+        if capacity >= group_size:  # every expert can take every item of its group: nothing can be dropped
+            return None
+        keep = capacity_keep_mask(top_k_index.view(groups, group_size, -1), top_k_weights.view(groups, group_size, -1),
+                                  self.num_experts, capacity, self.config.batch_priority_routing)
+        return keep.reshape(num_items, -1)
+
+
+class VMoEExpertChoiceRouter(VMoERouter):
+    """Expert-choice routing (Zhou et al. 2022; vmoe's `NoisyTopItemsPerExpertRouter`): each expert takes the C
+    tokens of a routing group with the highest softmax gate for it, C = ceil(n * factor / E). Balanced by
+    construction; a token may get no expert (the residual carries it) or several. Tokens compete within a group,
+    so inference is batch-invariant only when a group is one image (`router_group_size` = tokens per image)."""
+
+    def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
+        items = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
+        logits = self.compute_logits(items)  # (N, E)
+        gates = self.add_noise(logits).softmax(dim=-1)
+        num_items, num_experts = gates.shape
+        groups = self.groups(num_items)
+        group_size = num_items // groups
+        factor = self.capacity_factor() or self.config.capacity_factor or 1.0
+        capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
+        top_gates, top_items = gates.view(groups, group_size, num_experts).transpose(1, 2).topk(capacity, dim=-1)
+        offsets = torch.arange(groups, device=items.device).view(groups, 1, 1) * group_size
+        token_index = (top_items + offsets).transpose(0, 1).reshape(-1)  # (E * G * C,), expert-major
+        weights = top_gates.transpose(0, 1).reshape(-1, 1)
+        expert_index = torch.arange(num_experts, device=items.device).repeat_interleave(groups * capacity)
+        return logits, ExpertChoiceRouting(logits, token_index, expert_index.unsqueeze(1), weights)
+
+
+class VMoESoftRouter(VMoERouter):
+    """Soft MoE (Puigcerver et al. 2023): E x P slots per image, `num_slots` = P per expert. Fully differentiable,
+    no token dropped, no balancing loss; an image's output depends only on its own tokens."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__(config, num_outputs=config.num_experts * config.num_slots)
+
+    def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
+        logits = self.compute_logits(hidden_states)  # (B, S, E * P)
+        plan = SoftRouting(logits, logits.softmax(dim=1), logits.softmax(dim=2), self.config.num_slots)
+        return logits.reshape(-1, logits.shape[-1]), plan
+
+
+ROUTER_CLASSES = {"top_k": VMoETopKRouter, "expert_choice": VMoEExpertChoiceRouter, "soft": VMoESoftRouter}
+
+
+def vmoe_routing_loss(
+    routings: tuple[VMoERouting, ...], config: VMoEConfig, superclass_labels: torch.Tensor | None = None
+) -> dict:
+    """The aux loss and routing statistics of one forward's plans (float32): the mean over router calls of the
+    switch load-balancing loss (E * sum_e f_e * P_e, f_e the share of assignments to expert e, P_e its mean
+    probability), the V-MoE importance loss (squared coefficient of variation of the per-expert probability mass),
+    both per routing group and only for routers not balanced by construction, and the ST-MoE z-loss (mean squared
+    logsumexp); plus the super-class cross-entropy of image routers given super-class labels.
+
+    Returns the `ROUTING_FIELDS` of the model outputs except `router_logits`."""
+    num_experts = config.num_experts
+    total = []
+    ce, acc = [], []
+    for plan in routings:
+        logits = plan.logits
+        loss = logits.new_zeros(())
+        if isinstance(plan, (TopKRouting, ExpertChoiceRouting)) and config.router_z_loss_coef:
+            loss = loss + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if not plan.balanced:
+            groups = 1 if config.router_group_size is None or plan.seq_len else logits.shape[0] // config.router_group_size
+            probs = logits.softmax(dim=-1).view(groups, -1, num_experts)  # (G, n, E)
+            if config.router_aux_loss_coef:
+                assigned = F.one_hot(plan.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
+                fraction = assigned.view(groups, -1, num_experts).mean(dim=1) / plan.top_k_index.shape[1]
+                switch = num_experts * (fraction * probs.mean(dim=1)).sum(dim=-1).mean()
+                loss = loss + config.router_aux_loss_coef * switch
+            if config.router_importance_loss_coef:
+                importance = probs.sum(dim=1)  # (G, E)
+                cv2 = importance.var(dim=-1, unbiased=False) / (importance.mean(dim=-1) ** 2 + 1e-9)
+                loss = loss + config.router_importance_loss_coef * cv2.mean()
+        if superclass_labels is not None and isinstance(plan, TopKRouting) and plan.seq_len is not None:
+            ce.append(F.cross_entropy(logits, superclass_labels))
+            acc.append((logits.argmax(-1) == superclass_labels).float().mean())
+        total.append(loss)
+    aux_loss = torch.stack(total).mean()
+    stats = {"superclass_loss": None, "superclass_accuracy": None}
+    if ce:
+        stats["superclass_loss"] = torch.stack(ce).mean()
+        stats["superclass_accuracy"] = torch.stack(acc).mean()
+        aux_loss = aux_loss + config.superclass_loss_coef * stats["superclass_loss"]
+    stats["aux_loss"] = aux_loss
+    stats["expert_counts"] = torch.stack([plan.expert_counts(num_experts) for plan in routings])
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Experts
+# Experts and the MoE block
 # --------------------------------------------------------------------------------------------------------------
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
 class VMoEExperts(nn.Module):
-    """E GELU MLP experts stored as stacked tensors (E, out, in), usable by transformers' experts interface
-    (`eager` = the reference loop below, `batched_mm`, `grouped_mm`)."""
+    """Collection of E GELU MLP experts stored as stacked tensors (E, out, in), run through transformers' experts
+    interface (`eager` = the loop below, `batched_mm`, `grouped_mm`)."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
@@ -362,9 +699,8 @@ class VMoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor, params: tuple | None = None) -> torch.Tensor:
-        """One expert's MLP. `params` (from `per_expert_params`) holds the stacked weights unbound per expert: a loop
-        over experts that indexes through it builds one gradient buffer per parameter in backward instead of one
-        full-size (E, ...) buffer per expert (what indexing the stacked parameter once per expert costs)."""
+        """One expert's MLP. `params` (from `per_expert_params`) are the stacks unbound per expert, so a loop over
+        experts builds one gradient buffer per parameter in backward, not one full (E, ...) buffer per expert."""
         if params is None:
             params = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
         up, up_bias, down, down_bias = (p[expert_idx] for p in params)
@@ -373,201 +709,110 @@ class VMoEExperts(nn.Module):
     def per_expert_params(self) -> tuple:
         return tuple(p.unbind(0) for p in (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias))
 
+    @property
+    def implementation(self) -> str:
+        """The experts backend in use (`config._experts_implementation`; a standalone module runs eager)."""
+        return getattr(self.config, "_experts_implementation", None) or "eager"
+
+    def forward_per_expert(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows, the same number for each: (E, n, H) -> (E, n, H), one batched matmul per
+        projection (the `eager` path of plans that give every expert equal work: expert choice, Soft MoE)."""
+        h = torch.baddbmm(self.up_proj_bias.unsqueeze(1), hidden_states, self.up_proj.transpose(1, 2))
+        return torch.baddbmm(self.down_proj_bias.unsqueeze(1), self.act_fn(h), self.down_proj.transpose(1, 2))
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Token routing, the `eager` experts backend. hidden_states (T, H); top_k_index / top_k_weights (T, k).
-        Each expert runs one matmul pair on exactly the tokens routed to it: the (token, slot) assignments are
-        sorted by expert once, each expert gathers its tokens, scales its output by their combine weights and adds
-        it into the result (experts in ascending order, so the sum order is fixed). One host sync (the per-expert
-        counts). On CPU this is the fastest backend (see the README (Performance)): it adds the biases inside the matmul
-        instead of gathering one bias row per assignment as `grouped_mm` does. Under torch.compile (where the
-        data-dependent loop would break the graph) it hands over to transformers' `grouped_mm` path, which compiles
-        with `fullgraph=True` (same arithmetic)."""
+        """The `eager` backend. hidden_states (R, H); top_k_index / top_k_weights (R, k).
+
+        Assignments are sorted by expert once; each expert runs one matmul pair on exactly its rows and adds its
+        weighted output in ascending expert order (a fixed sum order). One host sync (the per-expert counts). When
+        one expert takes every row, it runs on the input as is. Under torch.compile (no data-dependent loops) this
+        hands over to transformers' `grouped_mm` path, which computes the same."""
         if torch.compiler.is_compiling() and not _is_exporting():
             return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        num_tokens, top_k = top_k_index.shape
-        final_hidden_states = torch.zeros_like(hidden_states)
-        if num_tokens == 0:
-            return final_hidden_states
+        num_rows, top_k = top_k_index.shape
+        if num_rows == 0:
+            return torch.zeros_like(hidden_states)
         with torch.no_grad():
-            flat_index = top_k_index.reshape(-1)
-            order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, token order inside
-            counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
-            token_of = order // top_k
-        sorted_weights = top_k_weights.reshape(-1)[order]
+            flat_index = top_k_index.reshape(-1)  # (R * k,)
+            order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, row order inside
+            # the one host sync; under expert parallelism, ids >= num_experts (other ranks' experts) sort last
+            counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()[: self.num_experts]
+            row_of = order // top_k
+        if top_k == 1 and max(counts) == num_rows:  # one expert for every row: no gather, no scatter
+            return self.expert_forward(counts.index(num_rows), hidden_states) * top_k_weights.to(hidden_states.dtype)
+        sorted_weights = top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)  # (R * k, 1)
+        # k = 1 with every row local: each row gets exactly one assignment, so rows are written, not accumulated
+        written = top_k == 1 and sum(counts) == num_rows
+        out = hidden_states.new_empty(hidden_states.shape) if written else torch.zeros_like(hidden_states)
         params = self.per_expert_params()
         start = 0
         for expert_idx, count in enumerate(counts):
             if not count:
                 continue
             end = start + count
-            tokens = token_of[start:end]
-            current = self.expert_forward(expert_idx, hidden_states.index_select(0, tokens), params)
-            current = current * sorted_weights[start:end, None].to(current.dtype)
-            final_hidden_states.index_add_(0, tokens, current.to(final_hidden_states.dtype))
-            start = end
-        return final_hidden_states
-
-    def forward_images(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Image routing. hidden_states (B, S, H); top_k_index / top_k_weights (B, k): every token of an image goes
-        to that image's experts.
-
-        Eager: each expert used by the batch runs one matmul pair on all tokens of its images (gathered with
-        `index_select`; no gather at all when a single expert takes the whole batch, e.g. batch 1), so the block
-        costs what a dense MLP costs. Results are written straight into the output rows (`index_copy_` for k=1,
-        `index_add_` in ascending expert order for k>1). Under tracing / compilation / export (no data-dependent
-        shapes) each image gathers its experts' weights instead: one batched matmul per slot, same arithmetic."""
-        batch_size, seq_len, hidden_dim = hidden_states.shape
-        top_k = top_k_index.shape[1]
-        weights = top_k_weights.to(hidden_states.dtype)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting():
-            return self._forward_images_gathered(hidden_states, top_k_index, weights)
-        if batch_size == 1 and top_k == 1:  # one image, one expert: a plain MLP call
-            return self.expert_forward(int(top_k_index[0, 0]), hidden_states) * weights[:, :, None]
-        flat_index = top_k_index.reshape(-1)
-        with torch.no_grad():
-            order = torch.argsort(flat_index, stable=True)
-            counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()  # the one host sync
-            image_of = order // top_k
-        sorted_weights = weights.reshape(-1)[order, None, None]
-        if top_k == 1 and max(counts) == batch_size:  # one expert for the whole batch: no gather, no scatter
-            return self.expert_forward(counts.index(batch_size), hidden_states) * weights[:, :, None]
-        out = (hidden_states.new_empty if top_k == 1 else hidden_states.new_zeros)(hidden_states.shape)
-        params = self.per_expert_params()
-        start = 0
-        for expert_idx, count in enumerate(counts):
-            if not count:
-                continue
-            end = start + count
-            images = image_of[start:end]
-            current = self.expert_forward(expert_idx, hidden_states.index_select(0, images), params)
+            rows = row_of[start:end]
+            current = self.expert_forward(expert_idx, hidden_states.index_select(0, rows), params)
             current = current * sorted_weights[start:end]
-            if top_k == 1:
-                out.index_copy_(0, images, current)
+            if written:
+                out.index_copy_(0, rows, current)
             else:
-                out.index_add_(0, images, current)
+                out.index_add_(0, rows, current)
             start = end
         return out
 
+    def forward_images(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Image routing: hidden_states (B, S, H); top_k_index / top_k_weights (B, k), every token of an image goes
+        to the image's experts. Through the experts interface, one row per token; with the `eager` backend under
+        tracing / torch.compile / torch.export (static shapes) each image gathers its experts' weights instead."""
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        if self.implementation == "eager" and _static_shapes():
+            return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        rows = hidden_states.reshape(-1, hidden_dim)  # (B * S, H)
+        index = top_k_index.repeat_interleave(seq_len, dim=0)  # (B * S, k)
+        weights = top_k_weights.repeat_interleave(seq_len, dim=0)
+        return self(rows, index, weights).view(batch_size, seq_len, hidden_dim)
+
     def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
-        """Static-shape image routing (tracing, torch.compile, torch.export / ONNX): every image gathers its
-        experts' weights, one `baddbmm` pair per slot."""
+        """Static-shape image routing: one `baddbmm` pair per slot on each image's gathered expert weights."""
         out = None
         for slot in range(top_k_index.shape[1]):
-            idx = top_k_index[:, slot]
+            idx = top_k_index[:, slot]  # (B,)
             h = torch.baddbmm(self.up_proj_bias[idx].unsqueeze(1), hidden_states, self.up_proj[idx].transpose(1, 2))
             down, down_bias = self.down_proj[idx].transpose(1, 2), self.down_proj_bias[idx].unsqueeze(1)
-            h = torch.baddbmm(down_bias, self.act_fn(h), down)
-            h = h * weights[:, slot, None, None]
+            h = torch.baddbmm(down_bias, self.act_fn(h), down) * weights[:, slot, None, None]
             out = h if out is None else out + h
         return out
 
 
-def _is_exporting() -> bool:
-    try:
-        return torch.compiler.is_exporting()
-    except AttributeError:  # older torch
-        return False
-
-
 class VMoESparseMoeBlock(nn.Module):
-    """An MoE MLP block: routed experts (+ an always-on shared expert, ViMoE).
-
-    Token routing: the block's router routes each token. Image routing: the block's own router reads one pooled
-    vector per image (`shared_router=False`), or the block applies the plan the encoder's shared router made.
-    """
+    """An MoE MLP block: a router's plan applied to the routed experts, plus an always-on shared expert (ViMoE).
+    With one shared image router (Mobile V-MoE) the block has no router and applies the encoder's plan."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
-        self.config = config
-        self.routing_level = config.routing_level
-        self.num_experts = config.num_experts
-        self.router = None if (config.routing_level == "image" and config.shared_router) else VMoETopKRouter(config)
+        has_router = not (config.routing_level == "image" and config.shared_router)
+        self.router = ROUTER_CLASSES[config.router_type](config) if has_router else None
         self.experts = VMoEExperts(config)
-        self.shared_expert = (
-            VMoEMLP(config, config.num_shared_experts * config.shared_expert_intermediate_size)
-            if config.num_shared_experts > 0
-            else None
-        )
+        width = config.num_shared_experts * config.shared_expert_intermediate_size
+        self.shared_expert = VMoEMLP(config, width) if config.num_shared_experts > 0 else None
 
-    def forward(self, hidden_states: torch.Tensor, routing: VMoERouting | None = None):
-        batch_size, seq_len, hidden_dim = hidden_states.shape
-        if self.routing_level == "image":
-            if routing is None:
-                routing = route(self.router, pool_for_router(hidden_states, self.config.router_input), self.config)
-            out = self.experts.forward_images(hidden_states, routing.top_k_index, routing.top_k_weights)
-        else:
-            flat = hidden_states.reshape(-1, hidden_dim)
-            routing = route(self.router, flat, self.config)
-            out = apply_token_experts(self.experts, flat, routing).view(batch_size, seq_len, hidden_dim)
+    def forward(self, hidden_states: torch.Tensor, routing: VMoERouting | None = None) -> torch.Tensor:
+        if routing is None:
+            _, routing = self.router(hidden_states)
+        out = routing.apply(self.experts, hidden_states)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
-        return out, routing
-
-
-def pool_for_router(hidden_states: torch.Tensor, router_input: str) -> torch.Tensor:
-    """One vector per image for image routing: the class token or the mean of the patch tokens."""
-    return hidden_states[:, 0] if router_input == "cls" else hidden_states[:, 1:].mean(dim=1)
-
-
-def route(router: VMoETopKRouter, items: torch.Tensor, config: VMoEConfig, forced_index=None) -> VMoERouting:
-    """Run the router on (N, H) items and apply the expert capacity of the current mode (train / eval)."""
-    logits, top_k_weights, top_k_index = router(items, forced_index)
-    factor = config.capacity_factor if router.training else config.eval_capacity_factor
-    keep = None
-    if factor is not None:
-        num_items = items.shape[0]
-        capacity = max(1, math.ceil(num_items * router.top_k * factor / router.num_experts))
-        if capacity < num_items:
-            keep = capacity_keep_mask(
-                top_k_index, top_k_weights, router.num_experts, capacity, config.batch_priority_routing
-            )
-            top_k_weights = top_k_weights * keep
-    return VMoERouting(logits=logits, top_k_index=top_k_index, top_k_weights=top_k_weights, keep=keep)
-
-
-def apply_token_experts(experts: VMoEExperts, flat: torch.Tensor, routing: VMoERouting) -> torch.Tensor:
-    """Token routing through the experts interface. Assignments dropped by capacity are not computed: tokens with
-    no kept assignment skip the experts (the residual carries them); a dropped second choice of a kept token is
-    pointed at its first kept expert with weight zero."""
-    if routing.keep is None:
-        return experts(flat, routing.top_k_index, routing.top_k_weights)
-    keep = routing.keep
-    first_kept = routing.top_k_index.gather(1, keep.int().argmax(dim=1, keepdim=True))
-    index = torch.where(keep, routing.top_k_index, first_kept)
-    rows = keep.any(dim=1).nonzero().squeeze(1)
-    out = flat.new_zeros(flat.shape)
-    if rows.numel():
-        out[rows] = experts(flat[rows], index[rows], routing.top_k_weights[rows])
-    return out
-
-
-def router_losses(routing: VMoERouting, num_experts: int, config: VMoEConfig) -> torch.Tensor:
-    """Balancing losses of one router call (float32): switch load balancing (E * sum_e f_e * P_e, with f_e the
-    share of top-k assignments to expert e and P_e its mean probability), V-MoE importance (squared coefficient of
-    variation of the per-expert probability mass) and ST-MoE z-loss (mean squared logsumexp of the logits)."""
-    logits = routing.logits
-    probs = logits.softmax(dim=-1)
-    loss = logits.new_zeros(())
-    if config.router_aux_loss_coef:
-        assigned = F.one_hot(routing.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-        fraction = assigned.mean(dim=0) / routing.top_k_index.shape[1]
-        loss = loss + config.router_aux_loss_coef * num_experts * (fraction * probs.mean(dim=0)).sum()
-    if config.router_importance_loss_coef:
-        importance = probs.sum(dim=0)
-        cv2 = importance.var(unbiased=False) / (importance.mean() ** 2 + 1e-9)
-        loss = loss + config.router_importance_loss_coef * cv2
-    if config.router_z_loss_coef:
-        loss = loss + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return loss
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Layers and encoder
+# Layers
 # --------------------------------------------------------------------------------------------------------------
 
 
 class VMoELayer(GradientCheckpointingLayer):
-    """A pre-norm ViT block whose MLP is dense or a sparse MoE block."""
+    """A pre-norm ViT block whose MLP is dense or a sparse MoE block. `routing` is the shared image router's plan
+    (None: the block routes itself)."""
 
     def __init__(self, config: VMoEConfig, layer_idx: int):
         super().__init__()
@@ -582,89 +827,77 @@ class VMoELayer(GradientCheckpointingLayer):
         self.drop_path = VMoEDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states, attention_mask=None, top_k_index=None, top_k_weights=None, **kwargs):
-        """Routing tensors travel as plain tensors (not a dataclass) so gradient checkpointing, reentrant or not,
-        keeps the router's gradient path. Returns (hidden_states, attention weights, router logits, top-k index,
-        top-k weights, capacity keep mask); the last four are None for a dense block or a given image routing."""
-        attn_output, attn_weights = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attn_output)))
-        normed = self.layernorm_after(hidden_states)
-        routing = None
-        if not self.is_moe:
-            mlp_output = self.mlp(normed)
-        elif top_k_index is not None:  # a plan made by the encoder's shared image router
-            mlp_output, _ = self.mlp(normed, VMoERouting(None, top_k_index, top_k_weights))
-        else:
-            mlp_output, routing = self.mlp(normed)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.dropout(mlp_output)))
-        if routing is None:
-            return hidden_states, attn_weights, None, None, None, None
-        return hidden_states, attn_weights, routing.logits, routing.top_k_index, routing.top_k_weights, routing.keep
-
-
-@dataclass
-class _EncoderOutput:
-    last_hidden_state: torch.Tensor
-    hidden_states: tuple | None
-    attentions: tuple | None
-    routings: list
-
-
-class VMoEEncoder(nn.Module):
-    def __init__(self, config: VMoEConfig):
-        super().__init__()
-        self.config = config
-        self.layer = nn.ModuleList([VMoELayer(config, i) for i in range(config.num_hidden_layers)])
-        shared = config.is_moe and config.routing_level == "image" and config.shared_router
-        self.router = VMoETopKRouter(config) if shared else None
-        self.first_moe_layer = config.moe_layers[0] if config.is_moe else -1
-        self.gradient_checkpointing = False
-
     def forward(
         self,
         hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        superclass_labels: torch.Tensor | None = None,
-        **kwargs,
-    ) -> _EncoderOutput:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        routings = []
-        shared_routing = None
-        for idx, layer in enumerate(self.layer):
-            if idx == self.first_moe_layer and self.router is not None:
-                shared_routing = self.shared_route(hidden_states, superclass_labels)
-                routings.append(shared_routing)
-            index = weights = None
-            if layer.is_moe and shared_routing is not None:
-                index, weights = shared_routing.top_k_index, shared_routing.top_k_weights
-            hidden_states, attn_weights, *plan = layer(hidden_states, None, index, weights)
-            if plan[0] is not None:
-                routings.append(VMoERouting(*plan))
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return _EncoderOutput(hidden_states, all_hidden_states, all_attentions, routings)
-
-    def shared_route(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None) -> VMoERouting:
-        """Mobile V-MoE: one decision per image, from the hidden states entering the first MoE block. With
-        `train_routing="superclass"`, training images go to their super-class's expert (slot 0)."""
-        pooled = pool_for_router(hidden_states, self.config.router_input)
-        forced = None
-        if self.training and self.config.train_routing == "superclass" and superclass_labels is not None:
-            forced = superclass_labels.view(-1, 1)
-            if self.router.top_k > 1:  # fill the other slots with the router's best other experts
-                with torch.no_grad():
-                    scores = F.linear(pooled.float(), self.router.weight.float()).scatter(1, forced, float("-inf"))
-                    forced = torch.cat([forced, scores.topk(self.router.top_k - 1, dim=-1).indices], dim=1)
-        return route(self.router, pooled, self.config, forced)
+        routing: VMoERouting | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attn_output)))
+        normed = self.layernorm_after(hidden_states)
+        mlp_output = self.mlp(normed, routing) if self.is_moe else self.mlp(normed)
+        return hidden_states + self.drop_path(self.layer_scale2(self.dropout(mlp_output)))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pre-trained model and heads
+# FLOPs (the Trainer's `total_flos` and `hf_vmoe.flops`)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, head: str | None = "classification"):
+    """Active forward FLOPs (2 x multiply-adds of the matmuls and convolutions) per image, by component. Expert
+    choice depends on the routing group, hence `batch_size` (the group is the batch unless `router_group_size`)."""
+    h, c = config.hidden_size, config.num_channels
+    ph, pw = to_pair(config.patch_size)
+    ih, iw = to_pair(image_size if image_size is not None else config.image_size)
+    if ih % ph or iw % pw:
+        raise ValueError(f"image_size {(ih, iw)} is not divisible by patch_size {(ph, pw)}")
+    num_patches = (ih // ph) * (iw // pw)
+    t = num_patches + 1
+    e, k, ie = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
+    b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
+         "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
+    per_row = 2 * 2 * h * ie  # one expert on one row
+    if config.router_type == "expert_choice":
+        group = config.router_group_size or batch_size * t
+        capacity = min(group, expert_capacity(group, config.capacity_factor or 1.0, e, config.capacity_multiple_of))
+        rows = e * capacity * (batch_size * t // group) / batch_size  # rows per image, over all experts
+    elif config.router_type == "soft":
+        rows = e * config.num_slots
+    else:
+        rows = k * t
+    for idx in range(config.num_hidden_layers):
+        b["attention_projections"] += 4 * 2 * t * h * h
+        b["attention_matmuls"] += 2 * 2 * t * t * h
+        if idx not in config.moe_layers:
+            b["mlp"] += 2 * 2 * t * h * config.intermediate_size
+            continue
+        b["experts"] += int(rows * per_row)
+        if config.num_shared_experts:
+            b["shared_experts"] += 2 * 2 * t * h * config.num_shared_experts * config.shared_expert_intermediate_size
+        if config.router_type == "soft":
+            b["router"] += 2 * t * h * e * config.num_slots
+            b["soft_dispatch_combine"] += 2 * 2 * t * e * config.num_slots * h
+        elif config.routing_level == "token":
+            b["router"] += 2 * t * h * e
+        elif not config.shared_router:
+            b["router"] += 2 * h * e
+    if config.is_moe and config.routing_level == "image" and config.shared_router:
+        b["router"] += 2 * h * e
+    if head == "classification" and config.num_labels > 0:
+        b["classifier"] = 2 * h * (2 if config.pooling == "cls_mean" else 1) * config.num_labels
+    return b
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-trained model, encoder and heads
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VMoECheckpointMismatchError(RuntimeError, ValueError):
+    """A checkpoint that does not fit the model (shapes or missing weights). A `RuntimeError` like transformers'
+    size-mismatch error, and a `ValueError` for code that treats it as bad input."""
 
 
 class VMoEPreTrainedModel(PreTrainedModel):
@@ -679,41 +912,65 @@ class VMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["router"]  # the router stays float32 when loaded in fp16 / bf16
+    _keep_in_fp32_modules_strict = ["router"]  # routers are created in float32 and stay so when loaded in fp16 / bf16
+    _can_record_outputs = {
+        "hidden_states": VMoELayer,
+        "attentions": OutputRecorder(VMoEAttention, index=1),
+        "router_logits": OutputRecorder(VMoERouter, index=0),
+        "routings": OutputRecorder(VMoERouter, index=1),  # the plans, for `vmoe_routing_loss`
+    }
+    _flops_head: str | None = None
 
     def __init__(self, config: VMoEConfig, *inputs, **kwargs):
-        config.validate_vmoe()
+        config.check_vmoe()
         super().__init__(config, *inputs, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """torch's grouped_mm needs expert widths that are multiples of 8: by default fall back to eager for other
-        widths; when grouped_mm is asked for explicitly (`experts_implementation="grouped_mm"` at load or init,
-        `set_experts_implementation("grouped_mm")`) raise a ValueError naming the widths.
-        Default (nothing requested): `eager` when no GPU is present (measured fastest on CPU, the README (Performance)), else
-        transformers' default `grouped_mm`."""
+        """Nothing requested: `eager` without a GPU (fastest on CPU, see docs/performance.md), else transformers'
+        default. torch's grouped_mm needs expert widths that are multiples of 8: other widths fall back to eager by
+        default and raise a ValueError naming them when grouped_mm is asked for explicitly."""
         config = self.config
         if requested_experts is None and not torch.cuda.is_available():
             return "eager"
         if config.is_moe and (config.hidden_size % 8 or config.expert_intermediate_size % 8):
             if requested_experts == "grouped_mm":
-                config.validate_vmoe(experts_implementation="grouped_mm")
+                config.check_vmoe(experts_implementation="grouped_mm")
             if requested_experts is None:
                 return "eager"
         return super().get_correct_experts_implementation(requested_experts)
+
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        """Always non-reentrant: reentrant checkpointing runs each layer under no_grad in the forward pass, so the
+        router logits recorded there for the aux loss would carry no gradient."""
+        activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
+        if activation_checkpointing_kwargs.get("use_reentrant"):
+            logger.warning_once(
+                "VMoE uses non-reentrant activation checkpointing (use_reentrant=False): with reentrant "
+                "checkpointing the routing aux losses would not reach the routers."
+            )
+        activation_checkpointing_kwargs["use_reentrant"] = False
+        return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+    def floating_point_ops(self, input_dict: dict, exclude_embeddings: bool = True) -> int:
+        """Training FLOPs of one batch for the Trainer's `total_flos`: 3 x (forward + backward) the active forward
+        FLOPs of each image (`flop_breakdown`), instead of transformers' 6 x pixels x all parameters."""
+        pixel_values = input_dict.get(self.main_input_name)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            return 0
+        batch, _, height, width = pixel_values.shape
+        per_image = sum(flop_breakdown(self.config, (height, width), batch, self._flops_head).values())
+        return 3 * batch * per_image
 
     _head_prefixes = ("classifier.", "decode_head.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, stricter about checkpoints that do not fit (a VMoE with missing or
-        re-initialised experts looks fine and predicts nonsense):
-
-        - tensors whose shape differs from the model's (e.g. another `num_experts`) and tensors of the model body
-          missing from the checkpoint (e.g. expert or router weights) raise a ValueError listing every one of them;
-          with `ignore_mismatched_sizes=True` they are re-initialised with a warning, as in transformers. Missing
-          task-head weights (`classifier`, `decode_head`) are re-initialised with a warning, as in transformers.
-        - a truncated or corrupt `model.safetensors` raises a ValueError naming the checkpoint.
-        """
+        """`PreTrainedModel.from_pretrained`, strict about checkpoints that do not fit (a VMoE with re-initialised
+        experts looks fine and predicts nonsense): tensors whose shape differs from the model's and tensors of the
+        model body missing from the checkpoint raise a `VMoECheckpointMismatchError` listing every one, unless the
+        caller asked for `ignore_mismatched_sizes=True` (re-initialised with a warning, as in transformers) or
+        `output_loading_info=True` (reported in the returned info). Missing task heads are re-initialised with a
+        warning, as in transformers. A truncated or corrupt `model.safetensors` raises a ValueError naming it."""
         from safetensors import SafetensorError
 
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
@@ -731,6 +988,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 f"Could not read the safetensors checkpoint of {pretrained_model_name_or_path!r}: {err}. "
                 "The file is truncated or corrupt; save or download it again."
             ) from err
+        if output_loading_info:
+            return model, info
         if not ignore_mismatched_sizes:
             problems = [
                 f"  {key}: checkpoint shape {tuple(ckpt)} != model shape {tuple(mine)}"
@@ -742,13 +1001,14 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 if not key.startswith(cls._head_prefixes)
             ]
             if problems:
-                raise ValueError(
+                raise VMoECheckpointMismatchError(
                     f"The checkpoint {pretrained_model_name_or_path!r} does not fit {cls.__name__} with this config "
                     f"(num_experts={model.config.num_experts}, moe_layers={model.config.moe_layers}):\n"
                     + "\n".join(problems)
-                    + "\nPass ignore_mismatched_sizes=True to re-initialise these weights instead."
+                    + "\nPass ignore_mismatched_sizes=True to re-initialise these weights instead, or "
+                    "output_loading_info=True to get the list."
                 )
-        return (model, info) if output_loading_info else model
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -769,7 +1029,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.down_proj, mean=0.0, std=std)
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
-        elif isinstance(module, VMoETopKRouter):
+        elif isinstance(module, VMoERouter):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, VMoELayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
@@ -797,17 +1057,16 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 f"pixel_values must be a floating-point tensor (normalised pixels), got dtype {pixel_values.dtype}; "
                 "run the image processor first"
             )
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _is_exporting()):
-            # one reduction: the sum is NaN/inf whenever an element is (or, harmlessly, if finite values overflow);
-            # only then pay for the elementwise check that counts them. A full isfinite pass cost ~2% at batch 1.
+        if not _static_shapes():
+            # one reduction (NaN/inf whenever an element is); only then the elementwise check that counts them
             finite = torch.isfinite(pixel_values) if not torch.isfinite(pixel_values.sum()) else None
             if finite is not None and not bool(finite.all()):
                 raise ValueError(
                     f"pixel_values contains {int((~finite).sum())} NaN or infinite values (of {pixel_values.numel()}); "
                     "the router would send such images to arbitrary experts and every output would be NaN"
                 )
-        image_size = _pair(self.config.image_size)
-        patch = _pair(self.config.patch_size)
+        image_size = to_pair(self.config.image_size)
+        patch = to_pair(self.config.patch_size)
         if interpolate_pos_encoding:
             if height % patch[0] or width % patch[1]:
                 raise ValueError(
@@ -819,9 +1078,72 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 "pass interpolate_pos_encoding=True to run at another resolution"
             )
 
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None,
+        superclass_labels: torch.Tensor | None,
+        compute_routing_loss: bool | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[VMoEEncoderOutput, dict]:
+        """Embeddings + encoder (of a model that owns `embeddings` and `encoder`), and the routing fields of the
+        outputs. The plans are recorded, and the aux loss and statistics computed, only when the model trains,
+        gets labels (`compute_routing_loss`), super-class labels or `output_router_logits`."""
+        self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        output_router_logits = kwargs.get("output_router_logits")
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if compute_routing_loss is None:
+            compute_routing_loss = self.training
+        record = self.config.is_moe and bool(
+            compute_routing_loss or output_router_logits or superclass_labels is not None
+        )
+        encoded = self.encoder(embeddings, superclass_labels=superclass_labels, output_routings=record, **kwargs)
+        routing = dict.fromkeys(ROUTING_FIELDS)
+        if record:
+            routing.update(vmoe_routing_loss(encoded.routings, self.config, superclass_labels))
+        routing["router_logits"] = encoded.router_logits if output_router_logits else None
+        return encoded, routing
+
+
+class VMoEEncoder(VMoEPreTrainedModel):
+    """The blocks. With one shared image router (Mobile V-MoE) the encoder routes once, from the hidden states
+    entering the first MoE block, and every MoE block applies that plan."""
+
+    def __init__(self, config: VMoEConfig):
+        super().__init__(config)
+        self.layer = nn.ModuleList([VMoELayer(config, i) for i in range(config.num_hidden_layers)])
+        shared = config.is_moe and config.routing_level == "image" and config.shared_router
+        self.router = VMoETopKRouter(config) if shared else None
+        self.first_moe_layer = config.moe_layers[0] if config.is_moe else -1
+        self.post_init()
+
+    def init_parallel_plans(self) -> None:
+        # the config's expert-parallel plan names paths from the base model, of which the encoder is the child
+        # `encoder`: keep it relative to the encoder (the base model then adds it back under `encoder.`)
+        super().init_parallel_plans()
+        self._ep_plan = {key.removeprefix("encoder."): rule for key, rule in self._ep_plan.items()
+                         if key.startswith("encoder.")}
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        superclass_labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> VMoEEncoderOutput:
+        routing = None
+        for idx, layer in enumerate(self.layer):
+            if idx == self.first_moe_layer and self.router is not None:
+                _, routing = self.router(hidden_states, superclass_labels)
+            hidden_states = layer(hidden_states, routing if layer.is_moe else None, **kwargs)
+        return VMoEEncoderOutput(last_hidden_state=hidden_states)
+
 
 class VMoEModel(VMoEPreTrainedModel):
-    """The bare VMoE transformer: embeddings, blocks, final layer norm. Computes the routing aux losses."""
+    """The bare VMoE transformer: embeddings, blocks, final layer norm, and the routing aux loss."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
@@ -838,66 +1160,45 @@ class VMoEModel(VMoEPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         superclass_labels: torch.Tensor | None = None,
-        **kwargs,
+        compute_routing_loss: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VMoEModelOutput:
         r"""
         superclass_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Super-class of each image (image routing): adds the router's super-class cross-entropy to `aux_loss` and
             drives routing in training when `config.train_routing == "superclass"`.
+        compute_routing_loss (`bool`, *optional*):
+            Compute `aux_loss` and the routing statistics. None: when training (and whenever `output_router_logits`
+            or `superclass_labels` are given). The heads pass True with labels.
         """
-        config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        encoded = self.encoder(
-            embeddings,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            superclass_labels=superclass_labels,
+        encoded, routing = self._encode(
+            pixel_values, interpolate_pos_encoding, superclass_labels, compute_routing_loss, **kwargs
         )
         sequence_output = self.layernorm(encoded.last_hidden_state)
-        if config.pooling == "cls":
+        if self.config.pooling == "cls":
             pooled = sequence_output[:, 0]
-        elif config.pooling == "mean":
+        elif self.config.pooling == "mean":
             pooled = sequence_output[:, 1:].mean(dim=1)
         else:
             pooled = torch.cat([sequence_output[:, 0], sequence_output[:, 1:].mean(dim=1)], dim=-1)
-        output = VMoEModelOutput(
+        return VMoEModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
+            **routing,
         )
-        routings = encoded.routings
-        if routings:
-            output.aux_loss = sum(router_losses(r, config.num_experts, config) for r in routings) / len(routings)
-            output.expert_counts = torch.stack(
-                [F.one_hot(r.top_k_index, config.num_experts).mul(
-                    r.keep.unsqueeze(-1) if r.keep is not None else 1).sum(dim=(0, 1)) for r in routings]
-            )
-            if output_router_logits:
-                output.router_logits = tuple(r.logits for r in routings)
-            if superclass_labels is not None and config.routing_level == "image":
-                ce = torch.stack([F.cross_entropy(r.logits, superclass_labels) for r in routings]).mean()
-                acc = torch.stack([(r.logits.argmax(-1) == superclass_labels).float().mean() for r in routings]).mean()
-                output.superclass_loss = ce
-                output.superclass_accuracy = acc
-                output.aux_loss = output.aux_loss + config.superclass_loss_coef * ce
-        return output
 
 
 def _superclass_labels(config: VMoEConfig, labels: torch.Tensor | None) -> torch.Tensor | None:
     if labels is None or config.superclass_ids is None or labels.ndim != 1:
         return None
-    table = torch.tensor(config.superclass_ids, device=labels.device)
-    return table[labels]
+    return torch.tensor(config.superclass_ids, device=labels.device)[labels]
+
+
+def _routing_fields(outputs) -> dict:
+    return {name: getattr(outputs, name) for name in ROUTING_FIELDS}
 
 
 class VMoEForImageClassification(VMoEPreTrainedModel):
@@ -905,6 +1206,7 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
     aux losses and, with `config.superclass_ids`, the router's super-class loss."""
 
     accepts_loss_kwargs = False
+    _flops_head = "classification"
 
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
@@ -920,10 +1222,7 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VMoEImageClassifierOutput:
         if labels is not None and isinstance(pixel_values, torch.Tensor) and labels.shape[:1] != pixel_values.shape[:1]:
             raise ValueError(
@@ -937,10 +1236,9 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         outputs = self.vmoe(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
             superclass_labels=_superclass_labels(self.config, labels),
+            compute_routing_loss=True if labels is not None else None,
+            **kwargs,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None
@@ -955,11 +1253,7 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
-            aux_loss=outputs.aux_loss,
-            superclass_loss=outputs.superclass_loss,
-            superclass_accuracy=outputs.superclass_accuracy,
-            expert_counts=outputs.expert_counts,
+            **_routing_fields(outputs),
         )
 
 
@@ -999,19 +1293,15 @@ class VMoEForSemanticSegmentation(VMoEPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VMoESemanticSegmenterOutput:
         if labels is not None:
             _validate_segmentation_labels(labels, pixel_values, self.num_labels)
         outputs = self.vmoe(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
+            compute_routing_loss=True if labels is not None else None,
+            **kwargs,
         )
         height, width = pixel_values.shape[-2:]
         patch = self.vmoe.embeddings.patch_size
@@ -1028,9 +1318,7 @@ class VMoEForSemanticSegmentation(VMoEPreTrainedModel):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
-            aux_loss=outputs.aux_loss,
-            expert_counts=outputs.expert_counts,
+            **_routing_fields(outputs),
         )
 
 
@@ -1051,7 +1339,7 @@ def _validate_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tens
 
 class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
     """Feature maps `(batch, hidden, H / patch, W / patch)` of the chosen stages (`config.out_features`), for
-    transformers' UperNet and other decode heads. `aux_loss` carries the routing losses."""
+    transformers' UperNet and other decode heads, with the routing fields (`aux_loss` for the head's loss)."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
@@ -1068,41 +1356,36 @@ class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        output_router_logits: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
-        **kwargs,
+        compute_routing_loss: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VMoEBackboneOutput:
-        config = self.config
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        encoded = self.encoder(embeddings, output_attentions=output_attentions, output_hidden_states=True)
+        r"""
+        compute_routing_loss (`bool`, *optional*):
+            Compute `aux_loss` and the routing statistics. None: when training (or with `output_router_logits`).
+        """
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        encoded, routing = self._encode(
+            pixel_values, interpolate_pos_encoding, None, compute_routing_loss, output_hidden_states=True, **kwargs
+        )
         batch_size, _, height, width = pixel_values.shape
         patch = self.embeddings.patch_size
         feature_maps = ()
         for stage, hidden_state in zip(self.stage_names, encoded.hidden_states):
             if stage in self.out_features:
-                if config.apply_layernorm:
+                if self.config.apply_layernorm:
                     hidden_state = self.layernorm(hidden_state)
-                if config.reshape_hidden_states:
+                if self.config.reshape_hidden_states:
                     hidden_state = hidden_state[:, 1:].reshape(batch_size, height // patch[0], width // patch[1], -1)
                     hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
                 feature_maps += (hidden_state,)
-        routings = encoded.routings
-        aux_loss = None
-        if routings:
-            aux_loss = sum(router_losses(r, config.num_experts, config) for r in routings) / len(routings)
         return VMoEBackboneOutput(
             feature_maps=feature_maps,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
             attentions=encoded.attentions,
-            aux_loss=aux_loss,
-            router_logits=tuple(r.logits for r in routings) if (routings and output_router_logits) else None,
+            **routing,
         )
 
 
@@ -1112,10 +1395,20 @@ __all__ = [
     "VMoEForSemanticSegmentation",
     "VMoEModel",
     "VMoEPreTrainedModel",
+    "VMoEEncoder",
     "VMoEExperts",
+    "VMoERouter",
     "VMoETopKRouter",
+    "VMoEExpertChoiceRouter",
+    "VMoESoftRouter",
     "VMoESparseMoeBlock",
     "VMoERouting",
+    "TopKRouting",
+    "ExpertChoiceRouting",
+    "SoftRouting",
+    "VMoECheckpointMismatchError",
+    "vmoe_routing_loss",
+    "flop_breakdown",
     "VMoEModelOutput",
     "VMoEImageClassifierOutput",
     "VMoESemanticSegmenterOutput",

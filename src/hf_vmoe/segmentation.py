@@ -29,6 +29,7 @@ from transformers import UperNetConfig, UperNetForSemanticSegmentation
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_vmoe import VMoEConfig
+from .modeling_vmoe import ROUTING_FIELDS, VMoEBackbone
 from .data_utils import metric_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -44,9 +45,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class VMoEUperNetOutput(SemanticSegmenterOutput):
-    """`SemanticSegmenterOutput` plus the backbone's routing `aux_loss` (already included in `loss`)."""
+    """`SemanticSegmenterOutput` plus the backbone's routing fields (`aux_loss` is already included in `loss`)."""
 
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
+    superclass_loss: torch.FloatTensor | None = None
+    superclass_accuracy: torch.FloatTensor | None = None
+    expert_counts: torch.LongTensor | None = None
 
 
 class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
@@ -77,9 +82,11 @@ class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        outputs = self.backbone.forward_with_filtered_kwargs(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
+        backbone_kwargs = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        if isinstance(self.backbone, VMoEBackbone):  # the aux loss whenever there is a loss; router logits if asked
+            backbone_kwargs.update(compute_routing_loss=True if labels is not None else None,
+                                   output_router_logits=kwargs.get("output_router_logits"))
+        outputs = self.backbone.forward_with_filtered_kwargs(pixel_values, **backbone_kwargs)
         features = outputs.feature_maps
         size = pixel_values.shape[2:]
         logits = nn.functional.interpolate(self.decode_head(features), size=size, mode="bilinear", align_corners=False)
@@ -102,7 +109,7 @@ class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            aux_loss=aux_loss,
+            **{name: getattr(outputs, name, None) for name in ROUTING_FIELDS},
         )
         return output if return_dict else output.to_tuple()
 

@@ -272,7 +272,7 @@ def set_superclasses(config, superclass_ids: Sequence[int], train_routing: str |
     if train_routing is not None:
         config.train_routing = train_routing
     try:
-        config.validate_vmoe()
+        config.check_vmoe()
     except ValueError:
         config.superclass_ids, config.train_routing = old
         raise

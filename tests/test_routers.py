@@ -1,0 +1,423 @@
+"""The routing contract: declared outputs, the experts interface really used, float32 routers, loading info, and
+the two routers built on the contract (expert choice, Soft MoE)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import Trainer, TrainingArguments
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from hf_vmoe import VMoEBackbone, VMoEForImageClassification, VMoEForSemanticSegmentation, VMoEModel
+from hf_vmoe.analysis import collect_routing
+from hf_vmoe.modeling_vmoe import (
+    ExpertChoiceRouting,
+    SoftRouting,
+    VMoECheckpointMismatchError,
+    VMoEExperts,
+    VMoERouter,
+    VMoESparseMoeBlock,
+)
+from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
+
+SEQ = 17
+EXPERT_CHOICE = dict(routing_level="token", router_type="expert_choice")
+SOFT = dict(routing_level="token", router_type="soft", num_slots=2)
+NEW_ROUTERS = {"expert_choice": EXPERT_CHOICE, "soft": SOFT}
+ALL_ROUTINGS = {"image": dict(), "image_per_block": dict(shared_router=False, num_experts_per_tok=2),
+                "token": dict(routing_level="token", num_experts_per_tok=2), **NEW_ROUTERS}
+
+
+def pixels(batch=3):
+    return torch.randn(batch, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Declared outputs
+# --------------------------------------------------------------------------------------------------------------
+
+MODEL_CLASSES = [VMoEModel, VMoEForImageClassification, VMoEForSemanticSegmentation, VMoEBackbone]
+
+
+@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_recordable_outputs_are_declared(cls):
+    declared = cls._can_record_outputs
+    assert {"hidden_states", "attentions", "router_logits"} <= set(declared)
+    assert declared["router_logits"].target_class is VMoERouter
+
+
+@pytest.mark.parametrize("name", list(ALL_ROUTINGS))
+@pytest.mark.parametrize("cls", MODEL_CLASSES + ["upernet"], ids=lambda c: getattr(c, "__name__", c))
+def test_every_model_class_returns_router_logits_when_asked(cls, name):
+    config = tiny_config(**ALL_ROUTINGS[name], moe_layers=(1, 3))
+    if cls == "upernet":
+        model = VMoEUperNetForSemanticSegmentation(vmoe_upernet_config(config, hidden_size=16, num_labels=3))
+    else:
+        model = cls(config)
+    model.eval()
+    x = pixels(2)
+    with torch.no_grad():
+        plain = model(x)
+        asked = model(x, output_router_logits=True)
+    assert plain.router_logits is None and plain.expert_counts is None and plain.aux_loss is None
+    calls = 1 if name == "image" else 2  # the shared image router decides once for both MoE blocks
+    assert len(asked.router_logits) == calls and asked.expert_counts.shape == (calls, 4)
+    assert all(r.dtype == torch.float32 for r in asked.router_logits)
+    assert asked.aux_loss is not None
+
+
+def test_hidden_states_and_attentions_are_recorded_per_layer():
+    model = VMoEForImageClassification(tiny_config()).eval()
+    model.set_attn_implementation("eager")  # sdpa returns no attention maps
+    out = model(pixels(2), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 5 and len(out.attentions) == 4
+    assert out.attentions[0].shape == (2, 2, SEQ, SEQ)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 2, SEQ))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The experts interface: the backend asked for is the one that runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["image", "image_per_block", "token", "expert_choice", "soft"])
+def test_chosen_experts_backend_is_the_one_called(name, monkeypatch):
+    model = VMoEForImageClassification(tiny_config(**ALL_ROUTINGS[name])).eval()
+    x = pixels(3)
+    calls = {"eager": 0, "batched_mm": 0, "grouped_mm": 0}
+    for backend in ("batched_mm", "grouped_mm"):
+        original = ALL_EXPERTS_FUNCTIONS[backend]
+
+        def spy(*args, _backend=backend, _original=original, **kwargs):
+            calls[_backend] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, backend, spy)
+    original_expert = VMoEExperts.expert_forward
+
+    def eager_spy(self, *args, **kwargs):
+        calls["eager"] += 1
+        return original_expert(self, *args, **kwargs)
+
+    monkeypatch.setattr(VMoEExperts, "expert_forward", eager_spy)
+    original_per_expert = VMoEExperts.forward_per_expert  # the eager path of expert choice and Soft MoE
+
+    def per_expert_spy(self, *args, **kwargs):
+        calls["eager"] += 1
+        return original_per_expert(self, *args, **kwargs)
+
+    monkeypatch.setattr(VMoEExperts, "forward_per_expert", per_expert_spy)
+    results = {}
+    for backend in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(backend)
+        before = dict(calls)
+        with torch.no_grad():
+            results[backend] = model(x).logits
+        ran = {k for k in calls if calls[k] > before[k]}
+        assert ran == {backend}, (backend, ran)
+    for backend in ("batched_mm", "grouped_mm"):
+        torch.testing.assert_close(results[backend], results["eager"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["image", "token"])
+def test_backends_agree_in_bfloat16(name):
+    model = VMoEForImageClassification(tiny_config(**ALL_ROUTINGS[name])).eval().to(torch.bfloat16)
+    x = pixels(3).to(torch.bfloat16)
+    outs = {}
+    for backend in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(backend)
+        with torch.no_grad():
+            outs[backend] = model(x).logits.float()
+    for backend in ("batched_mm", "grouped_mm"):
+        torch.testing.assert_close(outs[backend], outs["eager"], rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conventions: float32 routers, loading info, error type, reentrant checkpointing
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALL_ROUTINGS))
+def test_routers_are_float32_when_loaded_in_bfloat16(name, tmp_path):
+    model = VMoEForImageClassification(tiny_config(**ALL_ROUTINGS[name]))
+    routers = [m for m in model.modules() if isinstance(m, VMoERouter)]
+    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+    model.save_pretrained(tmp_path)
+    half = VMoEForImageClassification.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    routers = [m for m in half.modules() if isinstance(m, VMoERouter)]
+    assert all(r.weight.dtype == torch.float32 for r in routers)
+    assert half.vmoe.encoder.layer[-1].mlp.experts.up_proj.dtype == torch.bfloat16
+    out = half(pixels(2).to(torch.bfloat16), labels=torch.tensor([0, 1]), output_router_logits=True)
+    assert torch.isfinite(out.loss) and all(r.dtype == torch.float32 for r in out.router_logits)
+
+
+def test_router_created_in_float32_under_a_bfloat16_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = VMoEForImageClassification(tiny_config(routing_level="token"))
+    finally:
+        torch.set_default_dtype(previous)
+    assert model.vmoe.encoder.layer[-1].mlp.router.weight.dtype == torch.float32
+    assert model.vmoe.encoder.layer[-1].mlp.experts.up_proj.dtype == torch.bfloat16
+
+
+def test_loading_info_is_returned_instead_of_raised(tmp_path):
+    VMoEForImageClassification(tiny_config(num_experts=2)).save_pretrained(tmp_path / "two")
+    config = tiny_config(num_experts=4)
+    with pytest.raises(RuntimeError, match="checkpoint shape") as err:  # transformers' error type for mismatches
+        VMoEForImageClassification.from_pretrained(tmp_path / "two", config=config)
+    assert isinstance(err.value, VMoECheckpointMismatchError) and isinstance(err.value, ValueError)
+    model, info = VMoEForImageClassification.from_pretrained(tmp_path / "two", config=config, output_loading_info=True)
+    mismatched = {key for key, *_ in info["mismatched_keys"]}
+    assert any(key.endswith("mlp.experts.up_proj") for key in mismatched)
+    assert any("router.weight" in key for key in mismatched)
+    # missing weights: a dense checkpoint into a MoE model
+    VMoEForImageClassification(tiny_config(moe_layers="none")).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="missing from the checkpoint"):
+        VMoEForImageClassification.from_pretrained(tmp_path / "dense", config=tiny_config())
+    model, info = VMoEForImageClassification.from_pretrained(tmp_path / "dense", config=tiny_config(),
+                                                             output_loading_info=True)
+    assert any(key.endswith("mlp.experts.up_proj") for key in info["missing_keys"])
+
+
+@pytest.mark.parametrize("name", ["image", "token", "expert_choice"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_routing_gradients(name, reentrant):
+    model = VMoEForImageClassification(tiny_config(**ALL_ROUTINGS[name], pooling="mean")).train()
+    x, labels = pixels(3), torch.tensor([0, 1, 4])
+    torch.manual_seed(0)
+    model(x, labels=labels).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    torch.manual_seed(0)
+    model(x, labels=labels).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(reference) and any("router" in n for n in got)
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_trainer_total_flos_counts_active_flops():
+    from hf_vmoe.flops import count_flops
+
+    for overrides in (dict(), dict(routing_level="token", num_experts_per_tok=2)):
+        config = tiny_config(**overrides)
+        model = VMoEForImageClassification(config)
+        x = pixels(4)
+        assert model.floating_point_ops({"pixel_values": x}) == 3 * 4 * count_flops(config).flops
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Expert choice and Soft MoE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_expert_choice_is_balanced_by_construction_and_has_no_balancing_loss():
+    config = tiny_config(**EXPERT_CHOICE, capacity_factor=1.5, router_aux_loss_coef=1.0,
+                         router_importance_loss_coef=1.0, router_z_loss_coef=0.0)
+    block = VMoESparseMoeBlock(config)
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    x = torch.randn(4, SEQ, 32)
+    _, plan = block.router(x)
+    assert isinstance(plan, ExpertChoiceRouting)
+    capacity = -(-4 * SEQ * 3 // (2 * 4))  # ceil(tokens * 1.5 / E)
+    assert plan.expert_counts(4).tolist() == [capacity] * 4
+    # each expert took its own top-C tokens by gate
+    gates = plan.logits.softmax(-1)
+    for e in range(4):
+        chosen = plan.token_index[plan.expert_index[:, 0] == e]
+        assert set(chosen.tolist()) == set(gates[:, e].topk(capacity).indices.tolist())
+    model = VMoEForImageClassification(config).train()
+    out = model(pixels(2), labels=torch.tensor([0, 1]))
+    assert out.aux_loss == 0  # z-loss off, and no balancing loss for a router balanced by construction
+
+
+def test_expert_choice_with_per_image_groups_is_batch_invariant():
+    model = VMoEForImageClassification(tiny_config(**EXPERT_CHOICE, router_group_size=SEQ)).eval()
+    for router in (m for m in model.modules() if isinstance(m, VMoERouter)):
+        torch.nn.init.normal_(router.weight, std=1.0)
+    x = pixels(5)
+    with torch.no_grad():
+        batch = model(x).logits
+        single = torch.cat([model(x[i : i + 1]).logits for i in range(5)])
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+
+
+def test_router_group_size_must_divide_the_tokens():
+    model = VMoEForImageClassification(tiny_config(**EXPERT_CHOICE, router_group_size=10)).eval()
+    with pytest.raises(ValueError, match="router_group_size=10 must divide the number of routed tokens"):
+        model(pixels(3))
+
+
+def test_soft_moe_weights_are_convex_and_every_token_is_used():
+    config = tiny_config(**SOFT)
+    block = VMoESparseMoeBlock(config)
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    x = torch.randn(3, SEQ, 32, requires_grad=True)
+    logits, plan = block.router(x)
+    assert isinstance(plan, SoftRouting) and logits.shape == (3 * SEQ, 4 * 2)
+    torch.testing.assert_close(plan.dispatch_weights.sum(1), torch.ones(3, 8))  # each slot: a mix of tokens
+    torch.testing.assert_close(plan.combine_weights.sum(2), torch.ones(3, SEQ))  # each token: a mix of slots
+    out = block(x)
+    # dense reference: slots = D^T X, each expert on its slots, output = C Y
+    slots = torch.einsum("bsn,bsh->bnh", plan.dispatch_weights, x)
+    experts = block.experts
+    ys = []
+    for n in range(8):
+        e = n // 2
+        ys.append(experts.expert_forward(e, slots[:, n]))
+    y = torch.stack(ys, dim=1)
+    torch.testing.assert_close(out, torch.einsum("bsn,bnh->bsh", plan.combine_weights, y), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert (x.grad.abs().sum(-1) > 0).all()  # fully differentiable: every token reaches the loss
+    assert block.router.weight.grad.abs().sum() > 0
+
+
+def test_soft_moe_is_batch_invariant_and_compiles():
+    model = VMoEForImageClassification(tiny_config(**SOFT, num_shared_experts=1)).eval()
+    x = pixels(4)
+    with torch.no_grad():
+        batch = model(x).logits
+        single = torch.cat([model(x[i : i + 1]).logits for i in range(4)])
+        torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x).logits, batch, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_moe_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime
+
+    model = VMoEForImageClassification(tiny_config(**SOFT)).eval()
+    x = pixels(2)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    path = tmp_path / "soft.onnx"
+    torch.onnx.export(Logits(), (x,), str(path), dynamo=True, input_names=["pixel_values"], output_names=["logits"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(NEW_ROUTERS))
+@pytest.mark.parametrize("head", ["classification", "segmentation", "backbone", "upernet"])
+def test_new_routers_forward_backward_with_shared_experts(name, head):
+    config = tiny_config(**NEW_ROUTERS[name], num_shared_experts=1, pooling="mean")
+    x = pixels(2)
+    if head == "classification":
+        model = VMoEForImageClassification(config).train()
+        loss = model(x, labels=torch.tensor([0, 3])).loss
+    elif head == "segmentation":
+        model = VMoEForSemanticSegmentation(config).train()
+        loss = model(x, labels=torch.randint(0, 5, (2, 32, 32))).loss
+    elif head == "backbone":
+        model = VMoEBackbone(tiny_config(**NEW_ROUTERS[name], num_shared_experts=1, out_indices=[2, 4])).train()
+        out = model(x)
+        loss = sum(f.pow(2).mean() for f in out.feature_maps) + out.aux_loss
+    else:
+        model = VMoEUperNetForSemanticSegmentation(vmoe_upernet_config(config, hidden_size=16, num_labels=3)).train()
+        loss = model(x, labels=torch.randint(0, 3, (2, 32, 32))).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for key in ("router.weight", "experts.up_proj", "shared_expert.fc1.weight"):
+        found = [g for n, g in grads.items() if n.endswith(key)]
+        assert found and all(g is not None and g.abs().sum() > 0 for g in found), key
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(16, 3, 32, 32, generator=generator)
+        self.labels = torch.randint(0, 5, (16,), generator=generator)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("name", list(NEW_ROUTERS))
+def test_new_routers_train_with_the_trainer_and_save_load(name, tmp_path):
+    torch.manual_seed(0)
+    model = VMoEForImageClassification(tiny_config(**NEW_ROUTERS[name]))
+    data = _Images()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, learning_rate=3e-3,
+                             max_steps=30, use_cpu=True, report_to=[], seed=0, logging_steps=5, save_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.7 * before, (before, after)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VMoEForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    model.eval()
+    x = pixels(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert loaded.config.router_type == name
+
+
+@pytest.mark.parametrize("name", list(NEW_ROUTERS))
+def test_routing_analysis_reads_the_new_plans(name):
+    model = VMoEForImageClassification(tiny_config(**NEW_ROUTERS[name], moe_layers=(1, 3))).eval()
+    data = [{"pixel_values": pixels(3), "labels": torch.tensor([0, 1, 2])} for _ in range(2)]
+    stats = collect_routing(model, data)
+    assert stats.layers == [1, 3] and stats.unit == "token"
+    for layer in stats.layers:
+        counts = stats.counts[layer]
+        assert counts.shape == (5, 4)
+        if name == "soft":  # each labelled patch token's dispatch mass over the experts; 16 patches x 6 images
+            assert counts.sum() == pytest.approx(float(_soft_patch_mass(model, data, layer)), rel=1e-5)
+        else:  # expert choice: every selection of a patch token counts once
+            assert counts.sum() > 0 and float(counts.sum()).is_integer()
+
+
+def _soft_patch_mass(model, data, layer):
+    captured = []
+    router = model.vmoe.encoder.layer[layer].mlp.router
+    handle = router.register_forward_hook(lambda m, a, out: captured.append(out[1]))
+    with torch.no_grad():
+        for batch in data:
+            model(batch["pixel_values"])
+    handle.remove()
+    return sum(plan.assignment_mass(4).view(3, SEQ, 4)[:, 1:].sum() for plan in captured)
+
+
+def test_top_k_router_group_size_applies_capacity_per_group():
+    """With groups, each group of tokens gets its own capacity: the same tokens routed as one group keep a
+    different set of assignments than routed as two groups."""
+    config = tiny_config(routing_level="token", num_experts_per_tok=1, eval_capacity_factor=0.5,
+                         router_group_size=2 * SEQ)
+    block = VMoESparseMoeBlock(config).eval()
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    x = torch.randn(4, SEQ, 32)
+    _, grouped = block.router(x)
+    capacity = -(-2 * SEQ // (2 * 4))  # ceil(34 * 1 * 0.5 / 4) per group
+    kept = grouped.keep.view(2, 2 * SEQ)
+    for g in range(2):
+        per_expert = torch.bincount(grouped.top_k_index.view(2, 2 * SEQ)[g][kept[g]], minlength=4)
+        assert (per_expert <= capacity).all()
+    whole = copy.deepcopy(block)
+    whole.router.config = copy.deepcopy(config)
+    whole.router.config.router_group_size = None
+    _, one_group = whole.router(x)
+    assert torch.equal(grouped.top_k_index, one_group.top_k_index)
+    assert grouped.keep.sum() != one_group.keep.sum() or not torch.equal(grouped.keep, one_group.keep)
