@@ -47,7 +47,7 @@ from transformers import (
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
-from hf_vmoe.callbacks import RouterStatsCallback
+from hf_vmoe.callbacks import RouterStatsCallback, count_active_flops
 from hf_vmoe.data_utils import metric_path, parse_config_overrides, size_dict
 from hf_vmoe.hub import SCRATCH, build_model_card
 from hf_vmoe.presets import get_preset
@@ -306,12 +306,16 @@ def main(argv=None):
         data_collator=collate_fn,
     )
     router_stats = RouterStatsCallback.attach(trainer) if config.is_moe else None
+    count_active_flops(trainer)  # total_flos = active training FLOPs, dense and MoE alike
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
+        # total_flos: the model's active training FLOPs (VMoEPreTrainedModel.floating_point_ops); put back from the
+        # state because transformers' PrinterCallback (--disable_tqdm) pops it from the train metrics
+        train_metrics = {**result.metrics, "total_flos": trainer.state.total_flos}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
     metrics = {}
     if training_args.do_eval:

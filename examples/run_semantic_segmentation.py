@@ -36,7 +36,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, default_d
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
-from hf_vmoe.callbacks import RouterStatsCallback
+from hf_vmoe.callbacks import RouterStatsCallback, count_active_flops
 from hf_vmoe.data_utils import parse_config_overrides, parse_moe_layers_arg
 from hf_vmoe.script_defaults import apply_script_defaults
 from hf_vmoe.segmentation import (
@@ -299,12 +299,15 @@ def main(argv: list[str] | None = None):
                 backbone_config.routing_level)
     if backbone_config.is_moe:  # expert load with the loss; a routing-health line after each evaluation
         RouterStatsCallback.attach(trainer, per_expert=False)
+    count_active_flops(trainer)  # total_flos = active training FLOPs of the VMoE encoder (dense and MoE alike)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
+        # total_flos (the model's active training FLOPs) from the state: --disable_tqdm's printer pops it from the metrics
+        train_metrics = {**train_result.metrics, "total_flos": trainer.state.total_flos}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
     if training_args.do_eval:
         metrics = trainer.evaluate()

@@ -421,3 +421,20 @@ def test_top_k_router_group_size_applies_capacity_per_group():
     _, one_group = whole.router(x)
     assert torch.equal(grouped.top_k_index, one_group.top_k_index)
     assert grouped.keep.sum() != one_group.keep.sum() or not torch.equal(grouped.keep, one_group.keep)
+
+
+def test_a_users_trainer_counts_active_flops_through_count_active_flops(tmp_path):
+    from hf_vmoe.callbacks import count_active_flops
+    from hf_vmoe.flops import count_flops
+
+    config = tiny_config(**EXPERT_CHOICE, router_group_size=SEQ)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    stock = Trainer(model=VMoEForImageClassification(config), args=args, train_dataset=_Images())
+    stock.train()
+    ours = Trainer(model=VMoEForImageClassification(config), args=args, train_dataset=_Images())
+    count_active_flops(ours)
+    ours.train()
+    expected = 3 * 12 * count_flops(config).flops  # 3 steps of 4 images
+    assert ours.state.total_flos == expected
+    assert stock.state.total_flos > 10 * expected  # 6 x pixels x all parameters

@@ -295,6 +295,8 @@ def _args(root, out, *extra):
 def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog):
     import warnings
 
+    from hf_vmoe.flops import count_flops
+
     script = load_example("run_image_classification")
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
@@ -310,6 +312,10 @@ def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog)
     assert np.asarray(superclasses["confusion_matrix"]).sum() == SPLIT_CLASSES
     assert any("holding out 5 training images" in r.getMessage() for r in caplog.records)
     # 6. the card of a dense model trained from a preset: from scratch, no link to a preset "repo"
+    # 3. the dense run counts its training FLOPs the same way (3 x forward FLOPs x images), so runs compare
+    dense_results = json.loads((dense_dir / "all_results.json").read_text())
+    images = dense.state.global_step * 4 - 4 * 3 + 3 * (45 % 4)  # 40 steps of 4 over 45 images: 3 short batches
+    assert dense_results["total_flos"] == 3 * images * count_flops(dense.model.config).flops
     card = (dense_dir / "README.md").read_text()
     assert "Trained from scratch" in card and "huggingface.co/vit-3x64" not in card and "fine-tuned" not in card
 
@@ -326,6 +332,8 @@ def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog)
     assert len(health_lines) == 1 and health_lines[0].startswith(f"routing health at step {steps}: ")
     results = json.loads((moe_dir / "all_results.json").read_text())
     assert health_lines[0].endswith(results["eval_routing_health"])
+    # 3. total_flos: the active training FLOPs (3 x forward) of the 100 images trained on, not 6 x pixels x params
+    assert results["total_flos"] == 3 * 100 * count_flops(moe.model.config).flops
     card = (moe_dir / "README.md").read_text()
     assert f"Upcycled from the dense model `{dense_dir}`, a local checkpoint not on the Hub" in card
     assert "## Routing health" in card and "(balanced: 50.0% each)" in card

@@ -164,10 +164,12 @@ class RouterStatsCallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> RouterStatsCallback:
-        """Create the callback, put it first in `trainer`'s callbacks and hook the model. Returns the callback."""
+        """Create the callback, put it first in `trainer`'s callbacks, hook the model, and make the trainer count
+        active FLOPs (`count_active_flops`). Returns the callback."""
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
         callback.hook(trainer.model)
+        count_active_flops(trainer)
         return callback
 
     # -- the forward hook ------------------------------------------------------------------------------------------
@@ -248,4 +250,21 @@ class RouterStatsCallback(TrainerCallback):
             logger.warning("routing health at step %d: %s", step, health["summary"])
 
 
-__all__ = ["RouterStatsCallback", "routing_health", "HEALTH_THRESHOLDS"]
+def count_active_flops(trainer) -> None:
+    """Make `trainer`'s `total_flos` the active training FLOPs of a VMoE model (3 x the forward FLOPs of the
+    experts each image uses, `VMoEPreTrainedModel.floating_point_ops`). transformers' Trainer counts
+    6 x pixels x every parameter, which charges a MoE for all of its experts; it has no model-side hook."""
+    from transformers import Trainer
+
+    from .modeling_vmoe import VMoEPreTrainedModel
+
+    def floating_point_ops(inputs):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if isinstance(model, VMoEPreTrainedModel):
+            return model.floating_point_ops(inputs)
+        return Trainer.floating_point_ops(trainer, inputs)
+
+    trainer.floating_point_ops = floating_point_ops
+
+
+__all__ = ["RouterStatsCallback", "routing_health", "HEALTH_THRESHOLDS", "count_active_flops"]
