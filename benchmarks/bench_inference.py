@@ -4,10 +4,12 @@
   `ViTForImageClassification` of the same dims (same active size); also our own dense twin (`moe_layers="none"`)
   to separate routing cost from implementation differences;
 - token routing: every block MoE, 8 experts of width 768, k=2, vs ViT with MLP 1536 (same active FLOPs), for the
-  `eager` and `grouped_mm` experts backends.
+  `eager` and `grouped_mm` experts backends; and the two other routers at the same active FLOPs: expert choice
+  (capacity factor 2: on average 2 experts per token) and Soft MoE (8 experts x 49 slots = 2 x 196 token rows per
+  image; its dispatch / combine einsums add about 7% FLOPs, counted).
 
 Models run interleaved in one process; ratios are medians of per-round ratios (throughput ours / dense). The
-fraction of the matmul peak uses analytic FLOPs (`common.vmoe_flops`) and the best fp32 GFLOP/s of a 2048^2 matmul.
+fraction of the matmul peak uses analytic FLOPs (`hf_vmoe.flops.count_flops`) and the best fp32 GFLOP/s of a 2048^2 matmul.
 
     python benchmarks/bench_inference.py [--quick]
 """
@@ -74,24 +76,28 @@ def main(argv=None):
     vit = dense_vit(768)
     token_eager = vmoe(token_config(), "eager")
     token_grouped = vmoe(token_config(), "grouped_mm")
+    expert_choice = vmoe(token_config(router_type="expert_choice", capacity_factor=2.0))
+    soft = vmoe(token_config(router_type="soft", num_slots=49))
     vit2x = dense_vit(1536)
     flops = {
-        "vmoe_image": vmoe_flops(image_moe.config)["total"],
-        "vmoe_dense_twin": vmoe_flops(image_dense_ours.config)["total"],
-        "vit": vit_flops(mlp=768)["total"],
-        "vmoe_token_eager": vmoe_flops(token_eager.config)["total"],
-        "vmoe_token_grouped_mm": vmoe_flops(token_grouped.config)["total"],
-        "vit_mlp1536": vit_flops(mlp=1536)["total"],
+        "vmoe_image": vmoe_flops(image_moe.config),
+        "vmoe_dense_twin": vmoe_flops(image_dense_ours.config),
+        "vit": vit_flops(mlp=768),
+        "vmoe_token_eager": vmoe_flops(token_eager.config),
+        "vmoe_token_grouped_mm": vmoe_flops(token_grouped.config),
+        "vmoe_expert_choice": vmoe_flops(expert_choice.config),
+        "vmoe_soft": vmoe_flops(soft.config),
+        "vit_mlp1536": vit_flops(mlp=1536),
     }
     results = {"machine": info, "matmul_peak_gflops": peak, "image": {}, "token": {}}
     for batch, reps in ((32, reps32), (1, reps1)):
         results["image"][batch] = run_group(
             {"vmoe_image": image_moe, "vmoe_dense_twin": image_dense_ours, "vit": vit}, batch, reps, flops, peak, "vit"
         )
-        results["token"][batch] = run_group(
-            {"vmoe_token_eager": token_eager, "vmoe_token_grouped_mm": token_grouped, "vit_mlp1536": vit2x},
-            batch, reps, flops, peak, "vit_mlp1536",
-        )
+        token_models = {"vmoe_token_eager": token_eager, "vmoe_token_grouped_mm": token_grouped, "vit_mlp1536": vit2x}
+        if batch == 32:  # expert choice and Soft MoE: throughput at batch 32
+            token_models.update(vmoe_expert_choice=expert_choice, vmoe_soft=soft)
+        results["token"][batch] = run_group(token_models, batch, reps, flops, peak, "vit_mlp1536")
     # a second peak measurement at the end: keep the best (the peak is a property of the machine)
     peak2 = matmul_peak()["gflops"]
     if peak2 > peak:
@@ -117,6 +123,8 @@ def main(argv=None):
     tok32 = max(results["token"][32][n]["ratio_vs_vit_mlp1536"]["median"]
                 for n in ("vmoe_token_eager", "vmoe_token_grouped_mm"))
     frac = results["image"][32]["vmoe_image"]["fraction_of_peak"]
+    ec32 = results["token"][32]["vmoe_expert_choice"]["ratio_vs_vit_mlp1536"]["median"]
+    soft32 = results["token"][32]["vmoe_soft"]["ratio_vs_vit_mlp1536"]["median"]
     results["goals"] = {
         "image_vs_dense_batch32": {"value": img32, "target": 0.97, "met": img32 >= 0.97},
         "image_vs_dense_batch1": {"value": img1, "target": 0.97, "met": img1 >= 0.97},
@@ -136,6 +144,8 @@ def main(argv=None):
         f"- image routing / dense ViT, batch 1: **{img1:.3f}** — goal {goal(img1, 0.97)}",
         f"- token routing (best backend) / ViT MLP 1536, batch 32: **{tok32:.3f}** — goal {goal(tok32, 0.85)}",
         f"- Mobile V-MoE-Tiny eager, batch 32: **{100 * frac:.0f}%** of matmul peak — goal {goal(frac, 0.70)}",
+        f"- expert choice (capacity factor 2) / ViT MLP 1536, batch 32: **{ec32:.3f}**",
+        f"- Soft MoE (8 x 49 slots) / ViT MLP 1536, batch 32: **{soft32:.3f}**",
     ])
     write_results("inference", results, md)
     return results

@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hf_vmoe  # noqa: E402
 from hf_vmoe import VMoEConfig, VMoEForImageClassification  # noqa: E402
+from hf_vmoe.flops import count_flops  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -101,34 +102,14 @@ def pixels(batch: int, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def vit_flops(hidden=192, layers=12, mlp=768, image=IMAGE_SIZE, patch=16, labels=NUM_LABELS) -> dict:
-    patches = (image // patch) ** 2
-    seq = patches + 1
-    patch_embed = 2 * patches * 3 * patch * patch * hidden
-    proj = 2 * seq * hidden * hidden * 4  # q, k, v, o
-    attn = 2 * seq * seq * hidden * 2  # QK^T and AV
-    mlp_f = 2 * seq * hidden * mlp * 2
-    head = 2 * hidden * labels
-    return {"patch_embed": patch_embed, "attn_proj": proj * layers, "attn_core": attn * layers,
-            "mlp": mlp_f * layers, "head": head, "total": patch_embed + (proj + attn + mlp_f) * layers + head}
+def vmoe_flops(config: VMoEConfig, batch_size: int = 32) -> int:
+    """Active forward FLOPs per image of a VMoE config (`hf_vmoe.flops`; batch size matters for expert choice)."""
+    return count_flops(config, batch_size=batch_size).flops
 
 
-def vmoe_flops(config: VMoEConfig) -> dict:
-    """Active FLOPs of a VMoE forward per image (routed experts counted k times; routers included)."""
-    hidden, seq = config.hidden_size, (config.image_size // config.patch_size) ** 2 + 1
-    base = vit_flops(hidden, config.num_hidden_layers, config.intermediate_size, config.image_size,
-                     config.patch_size, config.num_labels)
-    moe = len(config.moe_layers)
-    dense_mlp = 2 * seq * hidden * config.intermediate_size * 2
-    expert_mlp = 2 * seq * hidden * config.expert_intermediate_size * 2 * config.num_experts_per_tok
-    shared = 2 * seq * hidden * config.shared_expert_intermediate_size * 2 * config.num_shared_experts
-    if config.routing_level == "token":
-        router = 2 * seq * hidden * config.num_experts * moe
-    else:
-        router = 2 * hidden * config.num_experts * (1 if config.shared_router else moe)
-    mlp_total = dense_mlp * (config.num_hidden_layers - moe) + (expert_mlp + shared) * moe
-    total = base["total"] - base["mlp"] + mlp_total + router
-    return {**base, "mlp": mlp_total, "router": router, "total": total}
+def vit_flops(mlp: int = 768) -> int:
+    """Forward FLOPs per image of transformers' ViT with these dims: our dense twin counts the same matmuls."""
+    return count_flops(image_config(moe_layers="none", intermediate_size=mlp)).flops
 
 
 # ---------------------------------------------------------------------------------------------------------------
