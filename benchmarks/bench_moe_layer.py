@@ -29,7 +29,7 @@ from common import (
     write_results,
 )
 from hf_vmoe import VMoEConfig
-from hf_vmoe.modeling_vmoe import VMoEMLP, VMoERouting, VMoESparseMoeBlock
+from hf_vmoe.modeling_vmoe import TopKRouting, VMoEMLP, VMoESparseMoeBlock
 
 HIDDEN, EXPERT_MLP, BATCH, SEQ = 192, 768, 32, 197
 
@@ -59,10 +59,12 @@ def dense_mlp(width: int) -> VMoEMLP:
     return init_(VMoEMLP(VMoEConfig(hidden_size=HIDDEN, intermediate_size=width), width))
 
 
-def balanced_plan(batch: int, num_experts: int) -> VMoERouting:
+def balanced_plan(batch: int, num_experts: int) -> TopKRouting:
+    """Image routing that gives every expert the same number of images."""
     index = (torch.arange(batch, device=DEVICE) % num_experts).view(-1, 1)
     weights = torch.full((batch, 1), 0.7, device=DEVICE)
-    return VMoERouting(logits=None, top_k_index=index, top_k_weights=weights)
+    return TopKRouting(logits=torch.zeros(batch, num_experts, device=DEVICE), top_k_index=index,
+                       top_k_weights=weights, seq_len=SEQ)
 
 
 def compare(fns: dict, reference: str, reps: int) -> dict:
