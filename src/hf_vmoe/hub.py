@@ -351,8 +351,8 @@ inputs = processor(images=image, return_tensors="pt")
 predicted = model(**inputs).logits.argmax(-1)
 ```
 
-With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `outputs.expert_counts` counts
-the items each expert received (one row per router call); `output_router_logits=True` returns the router logits.
+With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `output_router_logits=True`
+returns the router logits and `outputs.expert_counts`, the items each expert received (one row per router call).
 
 ## Intended use
 

@@ -15,16 +15,10 @@ of similar-looking classes. The recipe:
 Users with known super-classes (CIFAR-100's 20 coarse classes, WordNet groups) skip 1-3 with
 `load_superclass_map(path, class_names)`. `save_superclasses` writes JSON or CSV with the class names per group.
 
-The partition algorithm (balanced spectral clustering) is built from scipy's well-tested pieces:
-spectral embedding of the normalised graph Laplacian (`scipy.linalg.eigh`), k-means++ seeding and Lloyd
-iterations (`scipy.cluster.vq.kmeans2`), then *balanced* assignment of classes to group slots as a minimum-cost
-bipartite matching (`scipy.optimize.linear_sum_assignment`, the Hungarian / Jonker-Volgenant solver),
-alternated with centroid updates ("balanced k-means", Malinen & Franti 2014), over several seeds, keeping the
-partition with the largest within-group similarity. Why not the alternatives: networkx's Kernighan-Lin only
-bisects (2**n groups, not E=10), its community detection (Louvain, greedy modularity) picks its own number of
-groups of any size; METIS (pymetis) balances only approximately and is a compiled extra dependency. Spectral
-embedding is exact on the easy case that matters (classes confused only within blocks map to one point per
-block), and the matching step makes balance a hard constraint rather than a penalty.
+The partition is balanced spectral clustering from scipy's pieces: a spectral embedding of the normalised graph
+Laplacian, k-means++ seeding, then a minimum-cost matching of classes to group seats (`linear_sum_assignment`)
+alternated with centroid updates, best of several seeds. The matching makes balance a hard constraint for any E
+(docs/mobile-vmoe-recipe.md says why not Kernighan-Lin, modularity communities or METIS).
 """
 
 from __future__ import annotations
