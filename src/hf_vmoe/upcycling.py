@@ -418,6 +418,11 @@ def upcycle(
         moe_kwargs[name] = value
     if moe_kwargs.get("normalize_router_weights") is False:
         logger.warning("normalize_router_weights=False: the upcycled model will not compute the dense function")
+    if moe_kwargs.get("router_type", "top_k") != "top_k":
+        # expert choice gives a token 0..E experts; Soft MoE runs the experts on mixes of tokens: neither is the
+        # dense MLP even with identical experts
+        logger.warning("router_type=%r: the upcycled model starts from the dense weights but does not compute the "
+                       "dense function (only top_k routing does)", moe_kwargs["router_type"])
     config = vmoe_config_from_dense(dense_config, task=task, image_size=image_size, **moe_kwargs)
 
     if seed is not None:
