@@ -112,3 +112,61 @@ def test_token_routing_with_eval_capacity_is_refused(tmp_path):
 def test_bad_batch_size(image_model, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         export_onnx(image_model, tmp_path / "x.onnx", batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input and atomic writes (shared checks with export_executorch)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_image_routing_with_eval_capacity_is_refused(tmp_path):
+    model = VMoEForImageClassification(tiny_config(routing_level="image", eval_capacity_factor=1.0))
+    with pytest.raises(ValueError, match="eval_capacity_factor"):
+        export_onnx(model, tmp_path / "cap.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "example, message",
+    [
+        (torch.randn(2, 32, 32, 3).permute(0, 3, 1, 2), "not contiguous"),
+        (torch.randn(2, 3, 16, 16), r"shape \(2, 3, 16, 16\)"),
+        (torch.randn(2, 3, 32, 32, dtype=torch.float64), "dtype"),
+    ],
+    ids=["non-contiguous", "wrong-size", "float64"],
+)
+def test_bad_example_is_refused(image_model, example, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        export_onnx(image_model, tmp_path / "bad.onnx", example=example)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_static_int8_needs_calibration(image_model, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        export_onnx(image_model, tmp_path / "q.onnx", quantize="int8", quantization="static")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        export_onnx(image_model, tmp_path / "q.onnx", quantize="int8", quantization="qat")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_nothing(image_model, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export_onnx(image_model, target, atol=-1.0)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_transformers_vit_exports(tmp_path):
+    """The dense reference of the benchmarks (transformers' ViT, no router) goes through the same exporter."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, image_size=32, patch_size=8, num_labels=5)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    session = OnnxVMoE(export_onnx(vit, tmp_path / "vit.onnx", example=x))
+    with torch.no_grad():
+        expected = vit(pixel_values=x).logits
+    torch.testing.assert_close(torch.from_numpy(session(x)), expected, atol=1e-4, rtol=0)

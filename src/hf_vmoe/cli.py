@@ -8,6 +8,7 @@
     hf-vmoe superclasses show FILE [--model DIR | --class-names FILE]
     hf-vmoe analyze MODEL_DIR --data-dir DIR [--output-dir DIR] [...]  routing heatmaps, specialisation, recommendation
     hf-vmoe convert-vmoe CHECKPOINT_PREFIX --config NAME_OR_FIELDS -o OUT_DIR  a Google vmoe checkpoint -> VMoE folder
+    hf-vmoe export MODEL_DIR --format onnx|executorch [--int8 [--calibration-dir DIR]] -o PATH  device export
 """
 
 from __future__ import annotations
@@ -169,6 +170,11 @@ def build_parser():
     p = sub.add_parser("convert-vmoe", help="convert a Google vmoe (JAX) checkpoint into a VMoE folder")
     convert_vmoe_arguments(p)
 
+    from .export import add_cli_arguments as export_arguments
+
+    p = sub.add_parser("export", help="export a saved model to ONNX or ExecuTorch (.pte), float32 or int8")
+    export_arguments(p)
+
     p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("from-model", help="confusion matrix of a trained dense model on a held-out split")
@@ -214,6 +220,10 @@ def main(argv=None) -> int:
             from .convert_vmoe import run_cli as convert_vmoe_run
 
             return convert_vmoe_run(args)
+        if args.command == "export":
+            from .export import run_cli as export_run
+
+            return export_run(args)
         if args.command == "superclasses":
             if args.action == "from-model" and not (args.validation_dir or args.dataset_name):
                 parser.error("from-model needs --validation-dir or --dataset-name")
