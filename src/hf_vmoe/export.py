@@ -64,12 +64,13 @@ EXECUTORCH_VERSION_RANGE = ">=1.4,<1.5"
 
 TOKEN_ROUTING_EXECUTORCH = (
     "token routing (routing_level='token') cannot be exported to ExecuTorch without per-token copies of the expert "
-    "weights: how many tokens each expert receives is only known at run time (a data-dependent shape that "
-    "torch.export and ExecuTorch's memory planning cannot express), and the static-shape dispatch (the experts "
-    "interface's `batched_mm`) gathers one copy of the k experts' weights per token, tokens x k x 2 x hidden x "
-    "expert width floats per MoE block (about 230 MB for 197 tokens, k=2, 192 x 768); running every expert on every "
-    "token instead costs E/k times the active FLOPs. Export image routing (Mobile V-MoE) to ExecuTorch, or a "
-    "token-routed model with export_onnx"
+    "weights: the `eager` experts backend sizes each expert's matmul by how many tokens it receives, a "
+    "data-dependent shape torch.export rejects; `grouped_mm` exports but lowers to transformers' custom op "
+    "`transformers::grouped_mm_fallback` (plus `aten.histc`, outside the Core ATen opset), which has no ExecuTorch "
+    "kernel; and the static-shape `batched_mm` (the one that lowers) gathers one copy of the k experts' weights per "
+    "token, tokens x k x 2 x hidden x expert width floats per MoE block (about 230 MB for 197 tokens, k=2, "
+    "192 x 768). Running every expert on every token instead would cost E/k times the active FLOPs. Export image "
+    "routing (Mobile V-MoE) to ExecuTorch, or a token-routed model with export_onnx"
 )
 
 
