@@ -1,0 +1,339 @@
+"""The docs check: README.md and docs/*.md say what the code does, and cannot drift from it silently.
+
+- Every relative link (and image) in README.md and docs/*.md points at a file of the repository, and every
+  `#anchor` at a heading (GitHub's anchor rules) or an `<a id>` of the target page.
+- The reference tables are checked against the code: docs/configuration.md against `VMoEConfig`'s fields, types and
+  defaults; the presets table of
+  docs/mobile-vmoe-recipe.md against `hf_vmoe.presets`; the README's results table against the committed records it
+  links; docs/architecture.md's module list and dependency rule against src/hf_vmoe/.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PACKAGE = ROOT / "src" / "hf_vmoe"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PYTHON = {"python", "py"}
+BASH = {"bash", "sh", "shell", "console"}
+MARKER = re.compile(r"^\s*<!--\s*(not run|run)\s*:\s*(.*?)\s*-->\s*$")
+LINKED_DIRS = ("examples", "benchmarks", "tests", "src", "model_cards")
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Markdown parsing
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: tuple[str, str] | None  # ("not run" | "run", text)
+
+    @property
+    def id(self) -> str:
+        return f"{rel(self.page)}:{self.line}"
+
+
+def fenced_blocks(page: Path) -> list[Block]:
+    lines = page.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, fence, lang = opening.group(1), opening.group(2), opening.group(3).lower()
+        start, body = i, []
+        i += 1
+        while i < len(lines) and not re.match(rf"^\s*{re.escape(fence[0]) * len(fence)}{re.escape(fence[0])}*\s*$",
+                                              lines[i]):
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        i += 1  # the closing fence
+        previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        found = MARKER.match(previous)
+        blocks.append(Block(page, start + 1, lang, "\n".join(body) + "\n", found.groups() if found else None))
+    return blocks
+
+
+def prose_lines(page: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the lines outside fenced blocks, with inline code removed."""
+    out, fence = [], None
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        opening = re.match(r"^\s*(`{3,}|~{3,})", line)
+        if opening:
+            mark = opening.group(1)
+            if fence is None:
+                fence = mark
+            elif mark[0] == fence[0] and len(mark) >= len(fence) and not line.strip()[len(mark):].strip():
+                fence = None
+            continue
+        if fence is None:
+            out.append((number, re.sub(r"`[^`]*`", "", line)))
+    return out
+
+
+def github_anchor(heading: str) -> str:
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links and images -> their text
+    text = re.sub(r"<[^>]+>", "", text).strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    found, seen = set(), {}
+    for _, line in prose_lines_with_code(page):
+        heading = re.match(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = github_anchor(heading.group(1))
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            found.add(slug if count == 0 else f"{slug}-{count}")
+        for name in re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", line):
+            found.add(name)
+    return found
+
+
+def prose_lines_with_code(page: Path) -> list[tuple[int, str]]:
+    """Like `prose_lines`, but keeping inline code (headings may contain it)."""
+    keep = {n for n, _ in prose_lines(page)}
+    return [(n, line) for n, line in enumerate(page.read_text().splitlines(), 1) if n in keep]
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REF_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)")
+HTML_LINK = re.compile(r"<(?:a|img)\s[^>]*?(?:href|src)=\"([^\"]+)\"")
+
+
+def links(page: Path) -> list[tuple[int, str]]:
+    out = []
+    for number, line in prose_lines(page):
+        for pattern in (LINK, REF_LINK, HTML_LINK):
+            out += [(number, target) for target in pattern.findall(line)]
+    return out
+
+
+def table_rows(page: Path, header: list[str]) -> list[list[str]]:
+    """The rows of every table whose header cells are `header` (cells stripped)."""
+    lines = page.read_text().splitlines()
+    split = lambda line: [cell.strip().replace("\\|", "|")  # noqa: E731  (a `\|` inside a cell is a pipe)
+                          for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+    rows, found = [], False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("|") and [c.lower() for c in split(line)] == header:
+            found = True
+            for row in lines[i + 2:]:
+                if not row.lstrip().startswith("|"):
+                    break
+                rows.append(split(row))
+    assert found, f"{rel(page)} has no table with the header {header}"
+    return rows
+
+
+def code(cell: str) -> str:
+    """The text of a cell that is one inline-code span."""
+    match = re.fullmatch(r"`(.*)`", cell.strip())
+    assert match, f"expected one `code` span, got {cell!r}"
+    return match.group(1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every command block: run, or marked as not run
+# ------------------------------------------------------------------------------------------------------------------
+
+ALL_BLOCKS = [b for page in PAGES for b in fenced_blocks(page) if b.lang in PYTHON | BASH]
+
+
+
+
+
+
+def _bash_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def run_block(block: Block, tmp_path: Path, monkeypatch) -> None:
+    if block.lang in PYTHON:
+        monkeypatch.chdir(tmp_path)
+        namespace = {"__name__": "__docs__"}
+        exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the documented snippet
+        return
+    for name in LINKED_DIRS:
+        (tmp_path / name).symlink_to(ROOT / name)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=tmp_path, env=_bash_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+
+
+
+
+def test_readme_quick_start_is_what_ci_runs():
+    """The README's first block holds the two quick-start commands; tests/test_demo.py runs the demo (--quick) and
+    .ci/run runs the test command on a fresh venv, which is why the block itself is marked not run."""
+    first = fenced_blocks(ROOT / "README.md")[0]
+    assert first.lang == "bash" and first.line <= 5, "the quick-start block comes first"
+    commands = [line for line in first.code.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2 and commands[0].endswith("hf-vmoe demo"), commands
+    test_command = commands[1].split("&&")[-1].strip()
+    assert test_command == "python -m pytest -q tests"
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert "pip install torch==2.13.0" in commands[0] and "pip install -q torch==2.13.0" in (ROOT / ".ci" / "run").read_text()
+    assert '"demo"' in (ROOT / "tests" / "test_demo.py").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Links
+# ------------------------------------------------------------------------------------------------------------------
+
+ALL_LINKS = [(page, number, target) for page in PAGES for number, target in links(page)]
+
+
+def test_links_are_found():
+    assert len(ALL_LINKS) > 30
+
+
+@pytest.mark.parametrize("page, number, target", ALL_LINKS, ids=[f"{rel(p)}:{n}:{t}" for p, n, t in ALL_LINKS])
+def test_relative_links_resolve(page, number, target):
+    if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+        return
+    path, _, anchor = target.partition("#")
+    resolved = (page.parent / path).resolve() if path else page
+    where = f"{rel(page)}:{number}: link {target!r}"
+    assert resolved == ROOT or ROOT in resolved.parents, f"{where} leaves the repository"
+    assert resolved.exists(), f"{where}: {rel(resolved)} does not exist"
+    if anchor:
+        assert resolved.suffix == ".md", f"{where}: anchors are only checked in Markdown pages"
+        assert anchor in anchors(resolved), f"{where}: no heading #{anchor} in {rel(resolved)}"
+
+
+def test_every_docs_page_is_linked_from_the_readme_or_the_docs_index():
+    linked = set()
+    for page in (ROOT / "README.md",):
+        linked |= {(page.parent / t.partition("#")[0]).resolve() for _, t in links(page) if t.partition("#")[0]}
+    missing = [rel(p) for p in DOCS.glob("*.md") if p.resolve() not in linked and p.name != "README.md"]
+    assert not missing, f"not linked from README.md: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reference tables against the code
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+def test_configuration_table_matches_vmoeconfig():
+    from hf_vmoe import VMoEConfig
+
+    own = set(VMoEConfig.__annotations__)
+    fields = {f.name: f for f in dataclasses.fields(VMoEConfig) if f.name in own}
+    rows = table_rows(DOCS / "configuration.md", ["field", "type", "default", "meaning"])
+    documented = {}
+    for row in rows:
+        name = code(row[0])
+        assert name not in documented, f"{name} documented twice"
+        documented[name] = row
+    expected = {name.lstrip("_"): name for name in fields}  # `_out_features` is the `out_features` argument
+    assert set(documented) == set(expected), (
+        f"missing from docs/configuration.md: {sorted(set(expected) - set(documented))}; "
+        f"not VMoEConfig fields: {sorted(set(documented) - set(expected))}"
+    )
+    for name, (_, type_cell, default_cell, meaning) in documented.items():
+        field = fields[expected[name]]
+        assert code(type_cell) == _type_name(field.type), f"{name}: type {type_cell} != {_type_name(field.type)}"
+        assert ast.literal_eval(code(default_cell)) == field.default, f"{name}: default {default_cell} != {field.default!r}"
+        assert len(meaning.split()) >= 3, f"{name}: say what the field means"
+
+
+
+
+
+
+
+
+def test_presets_table_matches_the_presets():
+    from hf_vmoe.presets import format_preset_table, preset_table
+
+    page = (DOCS / "mobile-vmoe-recipe.md").read_text()
+    generated = format_preset_table(preset_table(), markdown=True).splitlines()
+    rows = [line for line in generated if line.startswith("|")]
+    missing = [row for row in rows if row not in page]
+    assert not missing, "regenerate the presets table with `hf-vmoe presets`:\n" + "\n".join(missing)
+
+
+def _tracked(path: Path) -> bool | None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    result = subprocess.run(["git", "ls-files", "--error-unmatch", rel(path)], cwd=ROOT, capture_output=True)
+    return result.returncode == 0
+
+
+def test_readme_results_come_from_committed_records():
+    rows = table_rows(ROOT / "README.md", ["result", "figure", "record"])
+    assert 4 <= len(rows) <= 10
+    for what, figure, record in rows:
+        targets = LINK.findall(record)
+        assert targets, f"{what}: link the record the figure comes from"
+        numbers = re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?%?", figure)
+        assert numbers, f"{what}: no figure in {figure!r}"
+        texts = []
+        for target in targets:
+            path = (ROOT / target.partition("#")[0]).resolve()
+            assert path.is_file(), f"{what}: {target} does not exist"
+            assert _tracked(path) is not False, f"{what}: {target} is not committed"
+            texts.append(path.read_text())
+        for number in numbers:
+            assert any(number in text for text in texts), f"{what}: {number} is not in {targets}"
+
+
+def _imports_of_ours(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("hf_vmoe")):
+            found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("hf_vmoe")}
+    return {name.removeprefix("hf_vmoe.") for name in found}
+
+
+def test_checkpoint_files_import_only_each_other():
+    """docs/architecture.md's dependency rule: what remote code copies imports nothing else of ours."""
+    assert _imports_of_ours(PACKAGE / "configuration_vmoe.py") == set()
+    assert _imports_of_ours(PACKAGE / "image_processing_vmoe.py") == set()
+    assert _imports_of_ours(PACKAGE / "modeling_vmoe.py") <= {"configuration_vmoe"}
+
+
+def test_architecture_page_names_every_module():
+    page = (DOCS / "architecture.md").read_text()
+    named = set(re.findall(r"`([\w/]+\.py)`", page))
+    modules = sorted(
+        p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+        if not {"metrics", "data", "__pycache__"} & set(p.relative_to(PACKAGE).parts[:-1])
+    )
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"docs/architecture.md does not describe: {missing}"
