@@ -1,5 +1,15 @@
 """The docs check: README.md and docs/*.md say what the code does, and cannot drift from it silently.
 
+- Every fenced ```python / ```bash block is run here, or is marked by an HTML comment on the line right before it
+  (the convention, documented in docs/architecture.md):
+
+      <!-- not run: REASON -->    not run; the reason is required, and a tests/*.py file it names must exist
+      <!-- run: slow -->          run, in a test marked slow
+      (no comment)                run in the default test
+
+  Python blocks run in-process, each in a fresh namespace and an empty working directory; bash blocks run with
+  `bash -euo pipefail` in an empty directory that links the repository's examples/, benchmarks/, tests/, src/ and
+  model_cards/.
 - Every relative link (and image) in README.md and docs/*.md points at a file of the repository, and every
   `#anchor` at a heading (GitHub's anchor rules) or an `<a id>` of the target page.
 - The reference tables are checked against the code: docs/configuration.md against `VMoEConfig`'s fields, types and
@@ -163,8 +173,21 @@ def code(cell: str) -> str:
 ALL_BLOCKS = [b for page in PAGES for b in fenced_blocks(page) if b.lang in PYTHON | BASH]
 
 
+def test_pages_have_command_blocks():
+    assert len(ALL_BLOCKS) > 20
 
 
+@pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda b: b.id)
+def test_every_block_is_run_or_marked_not_run(block):
+    if block.marker is None:
+        return  # run by test_fast_blocks_run
+    kind, text = block.marker
+    if kind == "run":
+        assert text == "slow", f"{block.id}: the only run marker is <!-- run: slow -->, got {text!r}"
+        return
+    assert len(text.split()) >= 2, f"{block.id}: say why the block is not run, e.g. <!-- not run: needs a GPU -->"
+    for named in re.findall(r"(?:tests|benchmarks|examples)/[\w/.-]+\.(?:py|sh)", text):
+        assert (ROOT / named).is_file(), f"{block.id}: the marker names {named}, which does not exist"
 
 
 def _bash_env() -> dict:
@@ -186,8 +209,15 @@ def run_block(block: Block, tmp_path: Path, monkeypatch) -> None:
     assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.marker is None], ids=lambda b: b.id)
+def test_fast_blocks_run(block, tmp_path, monkeypatch):
+    run_block(block, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.marker == ("run", "slow")], ids=lambda b: b.id)
+def test_slow_blocks_run(block, tmp_path, monkeypatch):
+    run_block(block, tmp_path, monkeypatch)
 
 
 def test_readme_quick_start_is_what_ci_runs():
