@@ -367,3 +367,46 @@ def test_architecture_page_names_every_module():
     )
     missing = [m for m in modules if m not in named]
     assert not missing, f"docs/architecture.md does not describe: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# docs/errors.md: every row's call raises the error the row shows
+# ------------------------------------------------------------------------------------------------------------------
+
+ERRORS_PAGE = DOCS / "errors.md"
+ERROR_ROWS = table_rows(ERRORS_PAGE, ["cause", "call", "error"])
+
+
+def test_error_tables_have_rows():
+    assert len(ERROR_ROWS) >= 30
+
+
+@pytest.fixture(scope="module")
+def errors_namespace(tmp_path_factory):
+    """The page's setup block, run once in a scratch directory (it saves the checkpoints the rows load)."""
+    setup = [b for b in fenced_blocks(ERRORS_PAGE) if b.lang in PYTHON]
+    assert len(setup) == 1, "docs/errors.md has one python block: the setup every row runs after"
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("errors"))
+    namespace = {"__name__": "__docs__", "__cwd__": os.getcwd()}
+    exec(compile(setup[0].code, setup[0].id, "exec"), namespace)  # noqa: S102 - the documented setup
+    yield namespace
+    os.chdir(cwd)
+
+
+@pytest.mark.parametrize("cause, call, error", ERROR_ROWS, ids=[row[0] for row in ERROR_ROWS])
+def test_error_row(cause, call, error, errors_namespace, monkeypatch):
+    """The row's error cell is `Type: message`, `...` marking omitted parts; the call must raise exactly that."""
+    expected_type, _, message = code(error).partition(": ")
+    setup_dir = errors_namespace.get("__cwd__")
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the type is checked against the row below
+        if setup_dir:
+            monkeypatch.chdir(setup_dir)
+        eval(code(call), errors_namespace)  # noqa: S307 - the documented call
+    names = [klass.__name__ for klass in type(caught.value).__mro__]
+    assert expected_type in names, f"{cause}: raised {type(caught.value).__name__}, the page says {expected_type}"
+    text, position = str(caught.value), 0
+    for piece in (p for p in message.split("...") if p):
+        found = text.find(piece, position)
+        assert found >= 0, f"{cause}: {piece!r} is not in the message (after position {position}):\n{text}"
+        position = found + len(piece)
