@@ -108,6 +108,23 @@ INVALID = [
     (dict(expert_intermediate_size=0), "expert_intermediate_size must be a positive integer, got 0"),
     (dict(shared_expert_intermediate_size=-8), "shared_expert_intermediate_size"),
     (dict(out_indices=[9]), "out_indices"),
+    # the options for exact parity with Google's V-MoE (docs/vmoe-parity-spec.md §10)
+    (dict(representation_size=0), "representation_size must be None or a positive integer, got 0"),
+    (dict(representation_size="512"), "Field 'representation_size' with value '512'"),
+    (dict(router_group_remainder="drop", routing_level="token", router_group_size=17),
+     "router_group_remainder must be one of ('error', 'partial', 'pad'), got 'drop'"),
+    (dict(router_aux_loss_layer_reduction="max"),
+     "router_aux_loss_layer_reduction must be one of ('mean', 'sum'), got 'max'"),
+    (dict(router_load_loss_coef=-0.005), "router_load_loss_coef must be a number >= 0, got -0.005"),
+    (dict(router_load_loss_coef=float("nan")), "router_load_loss_coef must be a number >= 0, got nan"),
+    (dict(expert_dispatch_dtype="float16", routing_level="token"),
+     "expert_dispatch_dtype must be None or one of ('bfloat16',), got 'float16'"),
+    (dict(expert_dispatch_dtype="bfloat16"),
+     "expert_dispatch_dtype='bfloat16' rounds the dispatched tokens: it needs routing_level='token', got 'image'"),
+    (dict(use_cls_token=False), "use_cls_token=False leaves no class token to pool: it needs pooling='mean', got 'cls'"),
+    (dict(use_cls_token=False, pooling="cls_mean"), "got 'cls_mean'"),
+    (dict(use_cls_token=False, pooling="mean", router_input="cls"), "router_input='cls' needs use_cls_token=True"),
+    (dict(use_cls_token="no"), "Field 'use_cls_token' expected bool, got str (value: 'no')"),
     (dict(out_features=["stage9"]), "out_features"),
 ]
 
@@ -156,10 +173,21 @@ def _roundtrip_configs():
                     shared_expert_intermediate_size=16, capacity_factor=1.25, eval_capacity_factor=2.0),
         tiny_config(superclass_ids=[0, 1, 2, 3, 0], train_routing="superclass", out_indices=[2, 4],
                     layerscale_value=1e-5, pooling="cls_mean", image_size=(32, 48), moe_layers="every:2"),
+        tiny_config(routing_level="token", num_experts_per_tok=2, router_group_size=34, router_group_remainder="pad",
+                    capacity_multiple_of=4, representation_size=12, use_cls_token=False, pooling="mean",
+                    router_aux_loss_layer_reduction="sum", router_load_loss_coef=0.005, router_noise_std=0.125,
+                    expert_dispatch_dtype="bfloat16"),
     ]
 
 
-@pytest.mark.parametrize("index", range(3))
+def test_parity_options_default_to_todays_behaviour():
+    config = tiny_config()
+    assert (config.use_cls_token, config.representation_size, config.router_group_remainder,
+            config.router_aux_loss_layer_reduction, config.router_load_loss_coef,
+            config.expert_dispatch_dtype) == (True, None, "error", "mean", 0.0, None)
+
+
+@pytest.mark.parametrize("index", range(4))
 def test_dict_and_json_roundtrip(index, tmp_path):
     config = _roundtrip_configs()[index]
     as_dict = config.to_dict()

@@ -16,6 +16,9 @@ ROUTER_INPUTS = ("cls", "mean")
 POOLINGS = ("cls", "mean", "cls_mean")
 TRAIN_ROUTINGS = ("router", "superclass")
 ROUTER_TYPES = ("top_k", "expert_choice", "soft")
+GROUP_REMAINDERS = ("error", "partial", "pad")
+LAYER_REDUCTIONS = ("mean", "sum")
+DISPATCH_DTYPES = ("bfloat16",)
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
@@ -86,7 +89,10 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     dropouts, `initializer_range`, `layer_norm_eps`, `image_size`, `patch_size`, `num_channels`, `qkv_bias`) mean
     what they mean in `ViTConfig`. `layerscale_value` (None = no layer scale) and `drop_path_rate` follow DINOv2;
     `pooling` chooses the classification input: the class token (`"cls"`, ViT), the mean of the patch tokens
-    (`"mean"`) or both concatenated (`"cls_mean"`, DINOv2).
+    (`"mean"`) or both concatenated (`"cls_mean"`, DINOv2). `use_cls_token=False` drops the class token (V-MoE's
+    `classifier="gap"`: position embeddings for the patches only, `pooling="mean"` over every token).
+    `representation_size` (None = none) puts a Dense + tanh pre-logits layer of that width between the pooled
+    output and the classifier (ViT / V-MoE `representation_size`).
 
     MoE fields:
         routing_level (`str`): `"image"` routes whole images (Mobile V-MoE); `"token"` routes each token (V-MoE, ViMoE).
@@ -115,12 +121,22 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         capacity_multiple_of (`int`, optional): round capacities up to a multiple of this (V-MoE uses 4).
         router_group_size (`int`, optional): token routing only; tokens are routed in independent groups of this
             many tokens (consecutive in batch order, as V-MoE's `group_size`), each with its own capacity. None =
-            one group per batch. Must divide the number of tokens of a batch.
+            one group per batch.
+        router_group_remainder (`str`): what a batch whose token count `router_group_size` does not divide gets:
+            `"error"` (a ValueError, as V-MoE's reshape), `"partial"` (a last, smaller group with the capacity of
+            its own size) or `"pad"` (at inference, the batch is padded with all-zero images up to whole groups and
+            the padding dropped from the outputs: V-MoE's evaluator, which pads its last batch with zero examples).
         batch_priority_routing (`bool`): with a capacity, items with the highest router weight are served first.
         router_noise_std (`float`): std of Gaussian noise added to router logits in training only.
         router_aux_loss_coef (`float`): switch-style load-balancing loss coefficient.
         router_importance_loss_coef (`float`): V-MoE importance loss (squared coefficient of variation).
         router_z_loss_coef (`float`): ST-MoE router z-loss coefficient.
+        router_load_loss_coef (`float`): V-MoE's noise-based load loss (top-k routers, training with
+            `router_noise_std > 0` only).
+        router_aux_loss_layer_reduction (`str`): how the losses of the router calls combine: `"mean"` or `"sum"`
+            (V-MoE).
+        expert_dispatch_dtype (`str`, optional): `"bfloat16"` rounds every expert's input and output through
+            bfloat16 and sums the weighted outputs in float32 (V-MoE's `dispatcher.bfloat16`); None = no rounding.
         output_router_logits (`bool`): return router logits and routing statistics in the outputs (the aux loss is
             computed and added to `loss` whenever the model trains or gets labels, whatever this says).
         superclass_ids (`list[int]`, optional): length `num_labels`, class -> super-class in [0, num_experts).
@@ -157,6 +173,8 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     layerscale_value: float | int | None = None
     drop_path_rate: float | int = 0.0
     pooling: str = "cls"
+    use_cls_token: bool = True
+    representation_size: int | None = None
     # MoE
     routing_level: str = "image"
     router_type: str = "top_k"
@@ -174,11 +192,15 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     eval_capacity_factor: float | int | None = None
     capacity_multiple_of: int | None = None
     router_group_size: int | None = None
+    router_group_remainder: str = "error"
     batch_priority_routing: bool = True
     router_noise_std: float | int = 0.0
     router_aux_loss_coef: float | int = 0.01
     router_importance_loss_coef: float | int = 0.0
     router_z_loss_coef: float | int = 0.001
+    router_load_loss_coef: float | int = 0.0
+    router_aux_loss_layer_reduction: str = "mean"
+    expert_dispatch_dtype: str | None = None
     output_router_logits: bool = False
     superclass_ids: tuple[int, ...] | list[int] | None = None
     superclass_loss_coef: float | int = 0.3
@@ -268,7 +290,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         """Coefficients, probabilities and epsilons."""
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "router_noise_std",
                      "router_aux_loss_coef", "router_importance_loss_coef", "router_z_loss_coef",
-                     "superclass_loss_coef", "initializer_range"):
+                     "router_load_loss_coef", "superclass_loss_coef", "initializer_range"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
@@ -280,7 +302,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
-        for name in ("capacity_multiple_of", "router_group_size"):
+        for name in ("capacity_multiple_of", "router_group_size", "representation_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
@@ -291,6 +313,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             "hidden_act": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"),
             "pooling": POOLINGS, "routing_level": ROUTING_LEVELS, "router_type": ROUTER_TYPES,
             "router_input": ROUTER_INPUTS, "train_routing": TRAIN_ROUTINGS,
+            "router_group_remainder": GROUP_REMAINDERS, "router_aux_loss_layer_reduction": LAYER_REDUCTIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -311,6 +334,24 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"router_group_size={self.router_group_size} groups tokens: it needs routing_level='token', "
                 f"got {self.routing_level!r}"
             )
+        if self.expert_dispatch_dtype is not None:
+            if self.expert_dispatch_dtype not in DISPATCH_DTYPES:
+                raise ValueError(
+                    f"expert_dispatch_dtype must be None or one of {DISPATCH_DTYPES}, got {self.expert_dispatch_dtype!r}"
+                )
+            if self.routing_level != "token":
+                raise ValueError(
+                    f"expert_dispatch_dtype={self.expert_dispatch_dtype!r} rounds the dispatched tokens: it needs "
+                    f"routing_level='token', got {self.routing_level!r}"
+                )
+        if not self.use_cls_token:
+            if self.pooling != "mean":
+                raise ValueError(
+                    f"use_cls_token=False leaves no class token to pool: it needs pooling='mean', got {self.pooling!r}"
+                )
+            if self.routing_level == "image" and self.router_input == "cls" and self.is_moe:
+                raise ValueError("use_cls_token=False leaves no class token for the router: router_input='cls' "
+                                 "needs use_cls_token=True")
 
     def validate_vmoe_superclasses(self):
         """The class -> super-class map of super-class guided routing (Mobile V-MoE)."""

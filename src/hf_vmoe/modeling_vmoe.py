@@ -148,27 +148,31 @@ class VMoEPatchEmbeddings(nn.Module):
 
 
 class VMoEEmbeddings(nn.Module):
-    """Class token + patch embeddings + (optionally interpolated) position embeddings."""
+    """Class token (unless `use_cls_token=False`) + patch embeddings + (optionally interpolated) position
+    embeddings."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.num_prefix_tokens = 1 if config.use_cls_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
         self.patch_embeddings = VMoEPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size))
+        num_positions = self.patch_embeddings.num_patches + self.num_prefix_tokens
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.image_size = self.patch_embeddings.image_size
         self.patch_size = self.patch_embeddings.patch_size
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Bicubic interpolation of the patch position embeddings to a `height x width` image (in float32)."""
-        num_patches = embeddings.shape[1] - 1
-        num_positions = self.position_embeddings.shape[1] - 1
+        prefix = self.num_prefix_tokens
+        num_patches = embeddings.shape[1] - prefix
+        num_positions = self.position_embeddings.shape[1] - prefix
         grid_h, grid_w = self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
         new_h, new_w = height // self.patch_size[0], width // self.patch_size[1]
         if not torch.jit.is_tracing() and num_patches == num_positions and (new_h, new_w) == (grid_h, grid_w):
             return self.position_embeddings
-        class_pos_embed = self.position_embeddings[:, :1]
-        patch_pos_embed = self.position_embeddings[:, 1:]
+        class_pos_embed = self.position_embeddings[:, :prefix]
+        patch_pos_embed = self.position_embeddings[:, prefix:]
         dim = embeddings.shape[-1]
         patch_pos_embed = patch_pos_embed.reshape(1, grid_h, grid_w, dim).permute(0, 3, 1, 2)
         patch_pos_embed = F.interpolate(
@@ -180,8 +184,9 @@ class VMoEEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
         embeddings = self.patch_embeddings(pixel_values)
-        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
-        embeddings = torch.cat((cls_tokens, embeddings), dim=1)
+        if self.cls_token is not None:
+            cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+            embeddings = torch.cat((cls_tokens, embeddings), dim=1)
         if interpolate_pos_encoding:
             embeddings = embeddings + self.interpolate_pos_encoding(embeddings, height, width)
         else:
@@ -327,6 +332,20 @@ class VMoERouting:
     def apply(self, experts: "VMoEExperts", hidden_states: torch.Tensor) -> torch.Tensor:
         return self.combine(experts(*self.dispatch(hidden_states)), hidden_states)
 
+    def apply_rounded(self, experts: "VMoEExperts", hidden_states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`apply` with V-MoE's bfloat16 dispatcher (`expert_dispatch_dtype`): every expert's input and output is
+        rounded through `dtype`, the weighted sum over an item's experts is taken in float32."""
+        rows, index, weights = self.dispatch(hidden_states)  # (R, H), (R, k), (R, k)
+        num_rows, top_k = index.shape
+        rows = rows.to(dtype).to(rows.dtype)
+        if top_k > 1:
+            rows = rows.repeat_interleave(top_k, dim=0)  # (R * k, H): one row per assignment
+        ones = torch.ones(num_rows * top_k, 1, dtype=rows.dtype, device=rows.device)
+        out = experts(rows, index.reshape(-1, 1), ones)  # (R * k, H): each assignment's unweighted output
+        out = out.to(dtype).float().view(num_rows, top_k, -1)  # (R, k, H)
+        out = (out * weights.float().unsqueeze(-1)).sum(dim=1)  # (R, H), float32
+        return self.combine(out.to(hidden_states.dtype), hidden_states)
+
     def expert_counts(self, num_experts: int) -> torch.Tensor:
         """(E,) number of rows each expert computes."""
         raise NotImplementedError
@@ -342,13 +361,15 @@ class TopKRouting(VMoERouting):
     goes to the image's experts).
 
     logits: (N, E); top_k_index: (N, k); top_k_weights: (N, k), zero where capacity dropped the assignment;
-    keep: (N, k) bool, False where capacity dropped it (None: nothing dropped)."""
+    keep: (N, k) bool, False where capacity dropped it (None: nothing dropped); noisy_logits: (N, E) the logits
+    with the router noise that chose the experts (None without noise), for the load loss."""
 
     logits: torch.Tensor
     top_k_index: torch.Tensor
     top_k_weights: torch.Tensor
     keep: torch.Tensor | None = None
     seq_len: int | None = None
+    noisy_logits: torch.Tensor | None = None
 
     def __post_init__(self):
         # tokens with at least one kept assignment: the only rows the experts compute
@@ -479,6 +500,32 @@ def expert_capacity(num_items: int, factor: float, num_experts: int, multiple_of
     return capacity
 
 
+def routing_groups(num_items: int, config: VMoEConfig) -> tuple[int, int, int]:
+    """`(G, n, r)`: the `num_items` routed tokens of a batch in G full groups of n = `router_group_size` items
+    (consecutive in batch order), then, when r > 0, a last group of the r remaining items
+    (`router_group_remainder="partial"`). None = one group of every item."""
+    size = config.router_group_size
+    if size is None:
+        return 1, num_items, 0
+    groups, rest = divmod(num_items, size)
+    if rest and config.router_group_remainder != "partial":
+        hint = (" (router_group_remainder='pad' pads at inference only; a training batch must fill whole groups)"
+                if config.router_group_remainder == "pad" else " (or set router_group_remainder='partial' or 'pad')")
+        raise ValueError(
+            f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}{hint}"
+        )
+    return groups, size, rest
+
+
+def group_parts(tensor: torch.Tensor, groups: tuple[int, int, int]) -> list[torch.Tensor]:
+    """`(N, ...)` -> the routing groups as `(G, n, ...)` and, for a last partial group, `(1, r, ...)`."""
+    full, size, rest = groups
+    parts = [tensor[: full * size].view(full, size, *tensor.shape[1:])] if full else []
+    if rest:
+        parts.append(tensor[full * size:].view(1, rest, *tensor.shape[1:]))
+    return parts
+
+
 def capacity_keep_mask(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, capacity: int, batch_priority: bool
 ) -> torch.Tensor:
@@ -524,16 +571,10 @@ class VMoERouter(nn.Module):
     def capacity_factor(self) -> float | None:
         return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
 
-    def groups(self, num_items: int) -> int:
-        """Number of routing groups for `num_items` routed items (`router_group_size`; None = one group)."""
-        size = self.config.router_group_size
-        if size is None:
-            return 1
-        if num_items % size:
-            raise ValueError(
-                f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}"
-            )
-        return num_items // size
+    def groups(self, num_items: int) -> tuple[int, int, int]:
+        """The routing groups of `num_items` routed items: `(G, n, r)`, G full groups of n items, then (r > 0) a
+        last group of r items (`router_group_size`, `router_group_remainder`)."""
+        return routing_groups(num_items, self.config)
 
 
 class VMoETopKRouter(VMoERouter):
@@ -545,14 +586,19 @@ class VMoETopKRouter(VMoERouter):
         super().__init__(config)
         self.top_k = config.num_experts_per_tok
         self.image_level = config.routing_level == "image"
+        self.num_prefix_tokens = 1 if config.use_cls_token else 0
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         if self.image_level:  # (B, H): the class token or the mean patch token
-            items = hidden_states[:, 0] if self.config.router_input == "cls" else hidden_states[:, 1:].mean(dim=1)
+            if self.config.router_input == "cls":
+                items = hidden_states[:, 0]
+            else:
+                items = hidden_states[:, self.num_prefix_tokens:].mean(dim=1)
         else:  # (B * S, H)
             items = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.compute_logits(items)  # (N, E)
-        probs = self.add_noise(logits).softmax(dim=-1)
+        noisy = self.add_noise(logits)
+        probs = noisy.softmax(dim=-1)
         forced = self.forced_experts(logits, superclass_labels)
         if forced is None:
             top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
@@ -564,7 +610,8 @@ class VMoETopKRouter(VMoERouter):
         if keep is not None:
             top_k_weights = top_k_weights * keep
         seq_len = hidden_states.shape[1] if self.image_level else None
-        return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len)
+        return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
+                                   noisy if noisy is not logits else None)
 
     def forced_experts(self, logits: torch.Tensor, superclass_labels: torch.Tensor | None) -> torch.Tensor | None:
         """Super-class forcing in training: slot 0 is the label's super-class, the other slots the router's best
@@ -584,13 +631,23 @@ class VMoETopKRouter(VMoERouter):
             return None
         num_items = top_k_index.shape[0]
         groups = self.groups(num_items)
-        group_size = num_items // groups
-        capacity = expert_capacity(group_size * self.top_k, factor, self.num_experts, self.config.capacity_multiple_of)
-        if capacity >= group_size:  # every expert can take every item of its group: nothing can be dropped
+        keeps, any_drop = [], False
+        for index, weights in zip(group_parts(top_k_index, groups), group_parts(top_k_weights, groups)):
+            count, size, _ = index.shape  # (g, n, k): g groups of n items (a last partial group: its own capacity)
+            capacity = expert_capacity(size * self.top_k, factor, self.num_experts, self.config.capacity_multiple_of)
+            if capacity >= size:  # every expert can take every item of its group: nothing can be dropped
+                keeps.append(None)
+                continue
+            keep = capacity_keep_mask(index, weights, self.num_experts, capacity, self.config.batch_priority_routing)
+            keeps.append(keep.reshape(count * size, -1))
+            any_drop = True
+        if not any_drop:
             return None
-        keep = capacity_keep_mask(top_k_index.view(groups, group_size, -1), top_k_weights.view(groups, group_size, -1),
-                                  self.num_experts, capacity, self.config.batch_priority_routing)
-        return keep.reshape(num_items, -1)
+        if len(keeps) == 1:
+            return keeps[0]
+        return torch.cat([k if k is not None else top_k_index.new_ones(p.shape[0] * p.shape[1], self.top_k,
+                                                                      dtype=torch.bool)
+                          for k, p in zip(keeps, group_parts(top_k_index, groups))])
 
 
 class VMoEExpertChoiceRouter(VMoERouter):
@@ -604,15 +661,21 @@ class VMoEExpertChoiceRouter(VMoERouter):
         logits = self.compute_logits(items)  # (N, E)
         gates = self.add_noise(logits).softmax(dim=-1)
         num_items, num_experts = gates.shape
-        groups = self.groups(num_items)
-        group_size = num_items // groups
         factor = self.capacity_factor() or self.config.capacity_factor or 1.0
-        capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
-        top_gates, top_items = gates.view(groups, group_size, num_experts).transpose(1, 2).topk(capacity, dim=-1)
-        offsets = torch.arange(groups, device=items.device).view(groups, 1, 1) * group_size
-        token_index = (top_items + offsets).transpose(0, 1).reshape(-1)  # (E * G * C,), expert-major
-        weights = top_gates.transpose(0, 1).reshape(-1, 1)
-        expert_index = torch.arange(num_experts, device=items.device).repeat_interleave(groups * capacity)
+        token_parts, weight_parts, start = [], [], 0
+        for part in group_parts(gates, self.groups(num_items)):  # (g, n, E); a last partial group: its own C
+            groups, group_size, _ = part.shape
+            capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
+            top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
+            offsets = start + torch.arange(groups, device=items.device).view(groups, 1, 1) * group_size
+            token_parts.append((top_items + offsets).transpose(0, 1).reshape(num_experts, -1))  # (E, g * C)
+            weight_parts.append(top_gates.transpose(0, 1).reshape(num_experts, -1))
+            start += groups * group_size
+        token_index = token_parts[0] if len(token_parts) == 1 else torch.cat(token_parts, dim=1)
+        weights = weight_parts[0] if len(weight_parts) == 1 else torch.cat(weight_parts, dim=1)
+        rows_per_expert = token_index.shape[1]
+        token_index, weights = token_index.reshape(-1), weights.reshape(-1, 1)  # (E * rows,), expert-major
+        expert_index = torch.arange(num_experts, device=items.device).repeat_interleave(rows_per_expert)
         return logits, ExpertChoiceRouting(logits, token_index, expert_index.unsqueeze(1), weights)
 
 
@@ -632,14 +695,28 @@ class VMoESoftRouter(VMoERouter):
 ROUTER_CLASSES = {"top_k": VMoETopKRouter, "expert_choice": VMoEExpertChoiceRouter, "soft": VMoESoftRouter}
 
 
+def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
+    """V-MoE's load loss per routing group: logits / noisy_logits (G, n, E) -> (G,).
+
+    An item's threshold is its k-th largest noisy logit; P = 1 - Phi((threshold - logit) / noise_std) is the
+    probability that expert e would still be among its k best under fresh noise; the loss is the squared
+    coefficient of variation (population std / mean) over experts of the mean of P over the group's items."""
+    threshold = noisy_logits.topk(top_k, dim=-1).values[..., -1:]  # (G, n, 1)
+    chosen = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # (G, n, E)
+    mean = chosen.mean(dim=1)  # (G, E)
+    return (mean.std(dim=-1, unbiased=False) / mean.mean(dim=-1)) ** 2
+
+
 def vmoe_routing_loss(
     routings: tuple[VMoERouting, ...], config: VMoEConfig, superclass_labels: torch.Tensor | None = None
 ) -> dict:
-    """The aux loss and routing statistics of one forward's plans (float32): the mean over router calls of the
-    switch load-balancing loss (E * sum_e f_e * P_e, f_e the share of assignments to expert e, P_e its mean
-    probability), the V-MoE importance loss (squared coefficient of variation of the per-expert probability mass),
-    both per routing group and only for routers not balanced by construction, and the ST-MoE z-loss (mean squared
-    logsumexp); plus the super-class cross-entropy of image routers given super-class labels.
+    """The aux loss and routing statistics of one forward's plans (float32). Per router call: the switch
+    load-balancing loss (E * sum_e f_e * P_e, f_e the share of assignments to expert e, P_e its mean probability),
+    the V-MoE importance loss (squared coefficient of variation of the per-expert probability mass) and, for top-k
+    routers trained with noise, the V-MoE load loss (`vmoe_load_loss`), each per routing group (mean over groups)
+    and only for routers not balanced by construction, and the ST-MoE z-loss (mean squared logsumexp); combined
+    over router calls by `router_aux_loss_layer_reduction` (mean or sum); plus the super-class cross-entropy of
+    image routers given super-class labels.
 
     Returns the `ROUTING_FIELDS` of the model outputs except `router_logits`."""
     num_experts = config.num_experts
@@ -651,22 +728,28 @@ def vmoe_routing_loss(
         if isinstance(plan, (TopKRouting, ExpertChoiceRouting)) and config.router_z_loss_coef:
             loss = loss + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
         if not plan.balanced:
-            groups = 1 if config.router_group_size is None or plan.seq_len else logits.shape[0] // config.router_group_size
-            probs = logits.softmax(dim=-1).view(groups, -1, num_experts)  # (G, n, E)
+            groups = (1, logits.shape[0], 0) if plan.seq_len else routing_groups(logits.shape[0], config)
+            probs = group_parts(logits.softmax(dim=-1), groups)  # [(G, n, E)]: the full groups, a last partial one
             if config.router_aux_loss_coef:
                 assigned = F.one_hot(plan.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-                fraction = assigned.view(groups, -1, num_experts).mean(dim=1) / plan.top_k_index.shape[1]
-                switch = num_experts * (fraction * probs.mean(dim=1)).sum(dim=-1).mean()
-                loss = loss + config.router_aux_loss_coef * switch
+                fraction = [a.mean(dim=1) / plan.top_k_index.shape[1] for a in group_parts(assigned, groups)]
+                switch = torch.cat([num_experts * (f * p.mean(dim=1)).sum(dim=-1) for f, p in zip(fraction, probs)])
+                loss = loss + config.router_aux_loss_coef * switch.mean()
             if config.router_importance_loss_coef:
-                importance = probs.sum(dim=1)  # (G, E)
-                cv2 = importance.var(dim=-1, unbiased=False) / (importance.mean(dim=-1) ** 2 + 1e-9)
+                importance = [p.sum(dim=1) for p in probs]  # (G, E)
+                cv2 = torch.cat([i.var(dim=-1, unbiased=False) / (i.mean(dim=-1) ** 2 + 1e-9) for i in importance])
                 loss = loss + config.router_importance_loss_coef * cv2.mean()
+            noisy = getattr(plan, "noisy_logits", None)
+            if config.router_load_loss_coef and noisy is not None:
+                load = torch.cat([vmoe_load_loss(clean, rough, plan.top_k_index.shape[1], config.router_noise_std)
+                                  for clean, rough in zip(group_parts(logits, groups), group_parts(noisy, groups))])
+                loss = loss + config.router_load_loss_coef * load.mean()
         if superclass_labels is not None and isinstance(plan, TopKRouting) and plan.seq_len is not None:
             ce.append(F.cross_entropy(logits, superclass_labels))
             acc.append((logits.argmax(-1) == superclass_labels).float().mean())
         total.append(loss)
-    aux_loss = torch.stack(total).mean()
+    total = torch.stack(total)
+    aux_loss = total.sum() if config.router_aux_loss_layer_reduction == "sum" else total.mean()
     stats = {"superclass_loss": None, "superclass_accuracy": None}
     if ce:
         stats["superclass_loss"] = torch.stack(ce).mean()
@@ -795,11 +878,15 @@ class VMoESparseMoeBlock(nn.Module):
         self.experts = VMoEExperts(config)
         width = config.num_shared_experts * config.shared_expert_intermediate_size
         self.shared_expert = VMoEMLP(config, width) if config.num_shared_experts > 0 else None
+        self.dispatch_dtype = getattr(torch, config.expert_dispatch_dtype) if config.expert_dispatch_dtype else None
 
     def forward(self, hidden_states: torch.Tensor, routing: VMoERouting | None = None) -> torch.Tensor:
         if routing is None:
             _, routing = self.router(hidden_states)
-        out = routing.apply(self.experts, hidden_states)
+        if self.dispatch_dtype is None:
+            out = routing.apply(self.experts, hidden_states)
+        else:  # V-MoE's bfloat16 dispatcher
+            out = routing.apply_rounded(self.experts, hidden_states, self.dispatch_dtype)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
         return out
@@ -841,7 +928,7 @@ class VMoELayer(GradientCheckpointingLayer):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FLOPs (the Trainer's `total_flos` and `hf_vmoe.flops`)
+# FLOPs (the Trainer's `total_flos` and `hf_vmoe.recipes.flops`)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -854,15 +941,21 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     if ih % ph or iw % pw:
         raise ValueError(f"image_size {(ih, iw)} is not divisible by patch_size {(ph, pw)}")
     num_patches = (ih // ph) * (iw // pw)
-    t = num_patches + 1
+    t = num_patches + (1 if config.use_cls_token else 0)
     e, k, ie = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
     b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
          "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
     per_row = 2 * 2 * h * ie  # one expert on one row
     if config.router_type == "expert_choice":
-        group = config.router_group_size or batch_size * t
-        capacity = min(group, expert_capacity(group, config.capacity_factor or 1.0, e, config.capacity_multiple_of))
-        rows = e * capacity * (batch_size * t // group) / batch_size  # rows per image, over all experts
+        tokens = batch_size * t
+        group = config.router_group_size or tokens
+        if tokens % group and config.router_group_remainder == "pad":  # whole groups of real and padding images
+            tokens = (batch_size - batch_size % -(group // math.gcd(group, t))) * t
+        full, rest = divmod(tokens, group)
+        parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
+        rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, e,
+                                                     config.capacity_multiple_of)) for count, size in parts)
+        rows = e * rows / batch_size  # rows per image, over all experts
     elif config.router_type == "soft":
         rows = e * config.num_slots
     else:
@@ -885,8 +978,12 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
             b["router"] += 2 * h * e
     if config.is_moe and config.routing_level == "image" and config.shared_router:
         b["router"] += 2 * h * e
+    pooled = h * (2 if config.pooling == "cls_mean" else 1)
+    if head == "classification" and config.representation_size:
+        b["classifier"] += 2 * pooled * config.representation_size  # the pre-logits layer
+        pooled = config.representation_size
     if head == "classification" and config.num_labels > 0:
-        b["classifier"] = 2 * h * (2 if config.pooling == "cls_mean" else 1) * config.num_labels
+        b["classifier"] += 2 * pooled * config.num_labels
     return b
 
 
@@ -961,7 +1058,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         per_image = sum(flop_breakdown(self.config, (height, width), batch, self._flops_head).values())
         return 3 * batch * per_image
 
-    _head_prefixes = ("classifier.", "decode_head.")
+    _head_prefixes = ("classifier.", "pre_logits.", "decode_head.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -1023,7 +1120,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, VMoEEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
         elif isinstance(module, VMoEExperts):
             init.trunc_normal_(module.up_proj, mean=0.0, std=std)
             init.trunc_normal_(module.down_proj, mean=0.0, std=std)
@@ -1091,7 +1189,6 @@ class VMoEPreTrainedModel(PreTrainedModel):
         gets labels (`compute_routing_loss`), super-class labels or `output_router_logits`."""
         self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         output_router_logits = kwargs.get("output_router_logits")
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -1100,12 +1197,43 @@ class VMoEPreTrainedModel(PreTrainedModel):
         record = self.config.is_moe and bool(
             compute_routing_loss or output_router_logits or superclass_labels is not None
         )
+        batch_size = pixel_values.shape[0]
+        padding = self._group_padding(pixel_values, record)
+        if padding:  # V-MoE's evaluator: all-zero examples fill the last batch
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(padding, *pixel_values.shape[1:])])
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         encoded = self.encoder(embeddings, superclass_labels=superclass_labels, output_routings=record, **kwargs)
         routing = dict.fromkeys(ROUTING_FIELDS)
         if record:
             routing.update(vmoe_routing_loss(encoded.routings, self.config, superclass_labels))
         routing["router_logits"] = encoded.router_logits if output_router_logits else None
+        if padding:  # the outputs of the real images only (the routing losses and counts include the padding)
+            tokens = batch_size * embeddings.shape[1]
+            encoded.last_hidden_state = encoded.last_hidden_state[:batch_size]
+            for name in ("hidden_states", "attentions"):
+                if getattr(encoded, name) is not None:
+                    setattr(encoded, name, tuple(h[:batch_size] for h in getattr(encoded, name)))
+            if routing["router_logits"] is not None:
+                routing["router_logits"] = tuple(logits[:tokens] for logits in routing["router_logits"])
         return encoded, routing
+
+    def _group_padding(self, pixel_values: torch.Tensor, record: bool) -> int:
+        """Images of padding for `router_group_remainder="pad"`: at inference, the fewest all-zero images that make
+        the batch's tokens fill whole routing groups (0 when they do, in training, and when routing groups cannot
+        change the outputs: dropless top-k without routing losses, Soft MoE)."""
+        config = self.config
+        size = config.router_group_size
+        if size is None or config.router_group_remainder != "pad" or self.training or not config.is_moe:
+            return 0
+        if config.router_type == "soft" or (config.router_type == "top_k" and config.eval_capacity_factor is None
+                                            and not record):
+            return 0
+        patch = to_pair(config.patch_size)
+        batch, _, height, width = pixel_values.shape
+        tokens = (height // patch[0]) * (width // patch[1]) + self.embeddings.num_prefix_tokens
+        if (batch * tokens) % size == 0:
+            return 0
+        return -batch % (size // math.gcd(size, tokens))  # whole groups every size / gcd(size, tokens) images
 
 
 class VMoEEncoder(VMoEPreTrainedModel):
@@ -1179,7 +1307,7 @@ class VMoEModel(VMoEPreTrainedModel):
         if self.config.pooling == "cls":
             pooled = sequence_output[:, 0]
         elif self.config.pooling == "mean":
-            pooled = sequence_output[:, 1:].mean(dim=1)
+            pooled = sequence_output[:, self.embeddings.num_prefix_tokens:].mean(dim=1)
         else:
             pooled = torch.cat([sequence_output[:, 0], sequence_output[:, 1:].mean(dim=1)], dim=-1)
         return VMoEModelOutput(
@@ -1213,6 +1341,9 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
         self.num_labels = config.num_labels
         self.vmoe = VMoEModel(config)
         in_features = config.hidden_size * (2 if config.pooling == "cls_mean" else 1)
+        # ViT / V-MoE pre-logits: Dense(representation_size) + tanh between the pooled output and the classifier
+        self.pre_logits = nn.Linear(in_features, config.representation_size) if config.representation_size else None
+        in_features = config.representation_size or in_features
         self.classifier = nn.Linear(in_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
@@ -1240,7 +1371,10 @@ class VMoEForImageClassification(VMoEPreTrainedModel):
             compute_routing_loss=True if labels is not None else None,
             **kwargs,
         )
-        logits = self.classifier(outputs.pooler_output)
+        pooled = outputs.pooler_output
+        if self.pre_logits is not None:
+            pooled = torch.tanh(self.pre_logits(pooled))
+        logits = self.classifier(pooled)
         loss = None
         if labels is not None:
             if labels.dtype in (torch.uint8, torch.int8, torch.int16) and self.num_labels > 1:
@@ -1305,7 +1439,7 @@ class VMoEForSemanticSegmentation(VMoEPreTrainedModel):
         )
         height, width = pixel_values.shape[-2:]
         patch = self.vmoe.embeddings.patch_size
-        tokens = outputs.last_hidden_state[:, 1:]
+        tokens = outputs.last_hidden_state[:, self.vmoe.embeddings.num_prefix_tokens:]
         feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height // patch[0], width // patch[1])
         logits = self.decode_head(feature_map, (height, width))
         loss = None
@@ -1378,7 +1512,8 @@ class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
                 if self.config.apply_layernorm:
                     hidden_state = self.layernorm(hidden_state)
                 if self.config.reshape_hidden_states:
-                    hidden_state = hidden_state[:, 1:].reshape(batch_size, height // patch[0], width // patch[1], -1)
+                    hidden_state = hidden_state[:, self.embeddings.num_prefix_tokens:]
+                    hidden_state = hidden_state.reshape(batch_size, height // patch[0], width // patch[1], -1)
                     hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()
                 feature_maps += (hidden_state,)
         return VMoEBackboneOutput(
