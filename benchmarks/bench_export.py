@@ -21,7 +21,7 @@ import torch
 
 import hf_vmoe  # noqa: F401
 from hf_vmoe import VMoEConfig, VMoEForImageClassification
-from hf_vmoe.export import OnnxVMoE, export_onnx
+from hf_vmoe.integrations.export import OnnxVMoE, export_onnx
 
 
 def main():

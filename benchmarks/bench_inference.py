@@ -9,7 +9,7 @@
   image; its dispatch / combine einsums add about 7% FLOPs, counted).
 
 Models run interleaved in one process; ratios are medians of per-round ratios (throughput ours / dense). The
-fraction of the matmul peak uses analytic FLOPs (`hf_vmoe.flops.count_flops`) and the best fp32 GFLOP/s of a 2048^2 matmul.
+fraction of the matmul peak uses analytic FLOPs (`hf_vmoe.recipes.flops.count_flops`) and the best fp32 GFLOP/s of a 2048^2 matmul.
 
     python benchmarks/bench_inference.py [--quick]
 """

@@ -5,7 +5,7 @@
     python benchmarks/bench_mobile.py --quick            # a smoke run: few rounds, noisy figures
     python benchmarks/bench_mobile.py --runtimes eager onnxruntime-fp32   # a subset
 
-Models: `mobile-vmoe-tiny` (hf_vmoe.presets: ViT-Tiny 12 x 192, 224 px, 16 px patches, the last 2 MLPs replaced by
+Models: `mobile-vmoe-tiny` (hf_vmoe.recipes.presets: ViT-Tiny 12 x 192, 224 px, 16 px patches, the last 2 MLPs replaced by
 E=10 experts of the dense MLP's width, k=1 per image, one shared router) and `ViTForImageClassification` with the
 same dims (transformers, sdpa attention): the same active size (MoE active FLOPs = dense + the router's 2 x 192 x 10).
 Random weights (latency does not depend on them); the router weights are spread so the 8 benchmark images go to
@@ -68,7 +68,7 @@ def build_models():
 
     import common
     from hf_vmoe import VMoEForImageClassification
-    from hf_vmoe.presets import get_preset
+    from hf_vmoe.recipes.presets import get_preset
 
     torch.manual_seed(0)
     config = get_preset("mobile-vmoe-tiny", num_labels=common.NUM_LABELS)
@@ -92,7 +92,7 @@ def export_all(models, folder: Path, runtimes, calibration_images: int) -> dict:
     """Files per (runtime, model): {runtime: {model: {"path", "file_mb", "export_s"} or {"error"}}}."""
     import torch
 
-    from hf_vmoe.export import export_executorch, export_onnx
+    from hf_vmoe.integrations.export import export_executorch, export_onnx
 
     calib = torch.randn(calibration_images, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     example = images(1)
@@ -161,11 +161,11 @@ def load_runner(runtime: str, name: str, path: str):
 
         return call
     if runtime.startswith("onnxruntime"):
-        from hf_vmoe.export import OnnxVMoE
+        from hf_vmoe.integrations.export import OnnxVMoE
 
         session = OnnxVMoE(path, intra_op_num_threads=1)
         return lambda x: session(x)
-    from hf_vmoe.export import ExecuTorchVMoE
+    from hf_vmoe.integrations.export import ExecuTorchVMoE
 
     program = ExecuTorchVMoE(path, num_threads=1)
     return lambda x: program(x)
@@ -177,7 +177,7 @@ def _import_runtime(runtime: str) -> None:
     import transformers  # noqa: F401
 
     import hf_vmoe  # noqa: F401
-    import hf_vmoe.export  # noqa: F401
+    import hf_vmoe.integrations.export  # noqa: F401
 
     if runtime.startswith("onnxruntime"):
         import onnxruntime  # noqa: F401

@@ -82,7 +82,7 @@ def run_program(runner, pixel_values: torch.Tensor, per_image: bool):
 
 
 def measure(model, variants, test_x, test_y, calib, workdir: Path) -> list[dict]:
-    from hf_vmoe.export import ExecuTorchVMoE, OnnxVMoE, export_executorch, export_onnx
+    from hf_vmoe.integrations.export import ExecuTorchVMoE, OnnxVMoE, export_executorch, export_onnx
 
     ref_logits, ref_experts = eager_outputs(model, test_x)
     ref_pred = ref_logits.argmax(-1)

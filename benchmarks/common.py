@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hf_vmoe  # noqa: E402
 from hf_vmoe import VMoEConfig, VMoEForImageClassification  # noqa: E402
-from hf_vmoe.flops import count_flops  # noqa: E402
+from hf_vmoe.recipes.flops import count_flops  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -103,7 +103,7 @@ def pixels(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def vmoe_flops(config: VMoEConfig, batch_size: int = 32) -> int:
-    """Active forward FLOPs per image of a VMoE config (`hf_vmoe.flops`; batch size matters for expert choice)."""
+    """Active forward FLOPs per image of a VMoE config (`hf_vmoe.recipes.flops`; batch size matters for expert choice)."""
     return count_flops(config, batch_size=batch_size).flops
 
 

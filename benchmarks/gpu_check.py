@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from transformers import ViTConfig, ViTForImageClassification
 
     from hf_vmoe import VMoEForImageClassification
-    from hf_vmoe.presets import get_preset
+    from hf_vmoe.recipes.presets import get_preset
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)

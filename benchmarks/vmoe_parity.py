@@ -1,9 +1,13 @@
 """Parity with Google's reference V-MoE, measured: every configuration of tests/test_vmoe_parity.py, run through vmoe's
-own Flax modules (../shared/ref) and through hf_vmoe after conversion, inference and training mode (no noise).
+own Flax modules (../shared/ref) and through hf_vmoe after conversion: inference, training mode without noise,
+batches that are not whole routing groups (mode `eval-padded`: vmoe on the batch padded with zero images as its
+evaluator pads, hf_vmoe on the real images with `router_group_remainder="pad"`), and training with router noise
+(mode `train-noise`: hf_vmoe's aux_loss against vmoe's own loss functions on hf_vmoe's clean and noisy logits,
+since the noise samples differ; no logits compared).
 
 Writes benchmarks/results/vmoe_parity.json and .md: per configuration, the max |logit difference| relative to the
 logit scale, tokens whose chosen experts differ, tokens whose dropped choices differ, the reference's dropped
-choices, and (training) the aux-loss difference; or the error when hf_vmoe cannot run the configuration yet.
+choices, and (training) the aux-loss difference; or the error when hf_vmoe cannot run the configuration.
 
     python benchmarks/vmoe_parity.py   # needs `pip install -e ".[parity]"` and ../shared/ref
 """
@@ -55,6 +59,25 @@ def measure(case, tmp: str, train: bool) -> dict:
     return row
 
 
+def measure_padded(case, images: int, tmp: str) -> dict:
+    row = {"case": f"{case.name} ({images} of {parity.BATCH} images)", "mode": "eval-padded",
+           "needs": list(case.needs)}
+    try:
+        row.update(parity.compare_padded(case, images, tmp))
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return row
+
+
+def measure_noisy(case, tmp: str) -> dict:
+    row = {"case": case.name, "mode": "train-noise", "needs": list(case.needs)}
+    try:
+        row["aux_loss"], row["vmoe_auxiliary_loss"] = parity.noisy_aux_loss(case, tmp)
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return row
+
+
 def main() -> int:
     reason = ref.skip_reason()
     if reason:
@@ -66,6 +89,10 @@ def main() -> int:
             rows.append(measure(case, tmp, train=False))
         for case in parity.TRAIN_CASES:
             rows.append(measure(case, tmp, train=True))
+        for case, images in parity.PADDED_CASES:
+            rows.append(measure_padded(case, images, tmp))
+        for case in parity.NOISY_CASES:
+            rows.append(measure_noisy(case, tmp))
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     payload = {"date": dt.date.today().isoformat(), "tolerance": parity.RTOL,
@@ -76,6 +103,9 @@ def main() -> int:
     for r in rows:
         if "error" in r:
             cells = [r["case"], r["mode"], "—", r["error"], "—", "—"]
+        elif r["mode"] == "train-noise":
+            cells = [r["case"], r["mode"], "—", "— (noise samples differ)", "—",
+                     f"{r['aux_loss']:.6f} / {r['vmoe_auxiliary_loss']:.6f} (vmoe's formulas)"]
         else:
             aux = f"{r['aux_loss']:.6f} / {r['vmoe_auxiliary_loss']:.6f}" if r["mode"] == "train" else "—"
             cells = [r["case"], r["mode"], f"{r['max_rel_logit_diff']:.1e}",

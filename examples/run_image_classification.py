@@ -18,9 +18,9 @@ torchvision (PIL + numpy augmentations, then the image processor). The three-sta
 
 Every `TrainingArguments` flag works (`--push_to_hub --hub_model_id org/name`, `--eval_strategy epoch`, ...).
 Unless set, `--logging_steps` is 1/20 of the run (about 20 loss lines) and pinned memory is off on the CPU
-(`hf_vmoe.script_defaults`). Router statistics (super-class accuracy, routing losses, expert load) are logged with
+(`hf_vmoe.integrations.script_defaults`). Router statistics (super-class accuracy, routing losses, expert load) are logged with
 the loss; after each evaluation a "routing health" line (a warning with the knobs when the load or the router's
-super-class accuracy crosses a threshold, see `hf_vmoe.callbacks`), also saved as `eval_routing_health` in
+super-class accuracy crosses a threshold, see `hf_vmoe.integrations.callbacks`), also saved as `eval_routing_health` in
 `all_results.json` and in the model card (README.md), which says what the model was trained from.
 """
 
@@ -47,14 +47,14 @@ from transformers import (
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
-from hf_vmoe.callbacks import RouterStatsCallback, count_active_flops
-from hf_vmoe.data_utils import metric_path, parse_config_overrides, size_dict
-from hf_vmoe.hub import SCRATCH, build_model_card
-from hf_vmoe.presets import get_preset
-from hf_vmoe.script_defaults import apply_script_defaults
-from hf_vmoe.superclasses import load_superclass_map, model_confusion_matrix, save_superclasses
-from hf_vmoe.superclasses import set_superclasses, superclass_groups, superclasses_from_confusion
-from hf_vmoe.upcycling import init_experts_from_dense
+from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
+from hf_vmoe.integrations.data import metric_path, parse_config_overrides, size_dict
+from hf_vmoe.integrations.hub import SCRATCH, build_model_card
+from hf_vmoe.recipes.presets import get_preset
+from hf_vmoe.integrations.script_defaults import apply_script_defaults
+from hf_vmoe.recipes.superclasses import load_superclass_map, model_confusion_matrix, save_superclasses
+from hf_vmoe.recipes.superclasses import set_superclasses, superclass_groups, superclasses_from_confusion
+from hf_vmoe.recipes.upcycling import init_experts_from_dense
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def main(argv=None):
 
 
 def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train=None, labels=None, health=None):
-    """README.md in the output folder: `hf_vmoe.hub.build_model_card` with what this run knows (the Trainer's own
+    """README.md in the output folder: `hf_vmoe.integrations.hub.build_model_card` with what this run knows (the Trainer's own
     card would call a preset a fine-tuning source and mix two units of expert load)."""
     if model_args is None:  # a save during training (push_to_hub with a save strategy): the final card comes later
         return

@@ -15,10 +15,10 @@ In the style of transformers' examples/pytorch/semantic-segmentation/run_semanti
     python examples/run_semantic_segmentation.py --dataset_name scene_parse_150 --reduce_labels ...
 
 Heads: `linear` = VMoEForSemanticSegmentation's light head on the last block; `upernet` = UperNet on VMoEBackbone
-features of four blocks (hf_vmoe.segmentation.VMoEUperNetForSemanticSegmentation, which keeps the MoE aux loss).
+features of four blocks (hf_vmoe.integrations.upernet.VMoEUperNetForSemanticSegmentation, which keeps the MoE aux loss).
 Metrics: mean IoU / mean accuracy / overall accuracy (+ per-class IoU) from the package's offline `evaluate` module.
-Unless set, `--logging_steps` is 1/20 of the run and pinned memory is off on the CPU (`hf_vmoe.script_defaults`);
-MoE runs log the expert load with the loss and a routing-health line after each evaluation (`hf_vmoe.callbacks`).
+Unless set, `--logging_steps` is 1/20 of the run and pinned memory is off on the CPU (`hf_vmoe.integrations.script_defaults`);
+MoE runs log the expert load with the loss and a routing-health line after each evaluation (`hf_vmoe.integrations.callbacks`).
 """
 
 import logging
@@ -36,19 +36,19 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, default_d
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
-from hf_vmoe.callbacks import RouterStatsCallback, count_active_flops
-from hf_vmoe.data_utils import parse_config_overrides, parse_moe_layers_arg
-from hf_vmoe.script_defaults import apply_script_defaults
-from hf_vmoe.segmentation import (
+from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
+from hf_vmoe.integrations.data import (
     SegmentationTransform,
-    VMoEUperNetForSemanticSegmentation,
     ade20k_id2label,
     load_ade_folder,
     mean_iou_metric_path,
+    parse_config_overrides,
+    parse_moe_layers_arg,
     read_id2label,
-    vmoe_upernet_config,
 )
-from hf_vmoe.upcycling import upcycle
+from hf_vmoe.integrations.script_defaults import apply_script_defaults
+from hf_vmoe.integrations.upernet import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
+from hf_vmoe.recipes.upcycling import upcycle
 
 logger = logging.getLogger(__name__)
 

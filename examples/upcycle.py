@@ -18,8 +18,8 @@ import torch
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEImageProcessor
-from hf_vmoe.data_utils import parse_moe_layers_arg
-from hf_vmoe.upcycling import EXPERT_INITS, TASKS, load_dense_model, upcycle
+from hf_vmoe.integrations.data import parse_moe_layers_arg
+from hf_vmoe.recipes.upcycling import EXPERT_INITS, TASKS, load_dense_model, upcycle
 
 
 def parse_args(argv=None):

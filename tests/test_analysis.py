@@ -10,7 +10,7 @@ import torch
 
 from conftest import load_example, tiny_config
 from hf_vmoe import VMoEConfig, VMoEForImageClassification, VMoEForSemanticSegmentation
-from hf_vmoe.analysis import collect_routing, heatmap_order, plot_heatmap, routing_metrics
+from hf_vmoe.recipes.analysis import collect_routing, heatmap_order, plot_heatmap, routing_metrics
 
 C = 4  # classes == experts
 
@@ -199,7 +199,7 @@ def test_analyze_routing_example(tmp_path):
 
 def test_analyze_routing_normalises_like_the_checkpoint_processor(tmp_path):
     from hf_vmoe import VMoEImageProcessor
-    from hf_vmoe.segmentation import IMAGENET_MEAN, IMAGENET_STD
+    from hf_vmoe.integrations.data import IMAGENET_MEAN, IMAGENET_STD
 
     script = load_example("analyze_routing")
     assert script.normalisation(tmp_path) == (IMAGENET_MEAN, IMAGENET_STD)  # no processor saved: ImageNet

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hf_vmoe import VMoEForImageClassification
 from hf_vmoe.cli import main as cli_main
-from hf_vmoe.superclasses import load_superclass_map
+from hf_vmoe.recipes.superclasses import load_superclass_map
 
 CLASSES = ["blue", "green", "grey", "red"]  # imagefolder sorts class folders
 

@@ -1,4 +1,4 @@
-"""The vmoe checkpoint converter (hf_vmoe.convert_vmoe): reading vmoe's sharded and Flax msgpack files, mapping the
+"""The vmoe checkpoint converter (hf_vmoe.integrations.convert_vmoe): reading vmoe's sharded and Flax msgpack files, mapping the
 tree, presets, bad input (each names what does not fit and writes nothing), the CLI verb, and a converted folder
 that loads, runs in the image-classification pipeline, trains with the Trainer and saves like any VMoE.
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vmoe_reference as ref
-from hf_vmoe.convert_vmoe import (
+from hf_vmoe.integrations.convert_vmoe import (
     VMOE_PRESETS,
     convert_vmoe_checkpoint,
     hf_config_from_vmoe,
@@ -134,13 +134,27 @@ def test_presets_give_the_released_architectures():
 def test_s32_pretrained_preset_is_dropless_at_inference_and_has_pre_logits():
     spec = resolve_vmoe_config("vmoe_s32_last2_ilsvrc2012_randaug_light1")
     assert spec["model"]["representation_size"] == 512 and spec["image_size"] == 224
-    try:
-        kwargs, reference, _ = hf_config_from_vmoe(spec)
-    except ValueError as err:  # until VMoEConfig has representation_size
-        assert "representation_size" in str(err)
-        return
+    kwargs, reference, issues = hf_config_from_vmoe(spec)
     assert kwargs["eval_capacity_factor"] is None  # capacity 4.0: 400 per group of 400 tokens, nothing dropped
     assert kwargs["representation_size"] == 512
+    assert not [i for i in issues if i.scope == "inference"]
+
+
+@pytest.mark.parametrize("name", sorted(VMOE_PRESETS))
+def test_presets_map_every_parity_option(name):
+    """Every released checkpoint converts with nothing that differs at inference: the bfloat16 dispatcher, routing
+    groups (padded at inference as vmoe's evaluator pads), vmoe's loss combination and its load loss."""
+    from hf_vmoe import VMoEConfig
+
+    kwargs, _, issues = hf_config_from_vmoe(resolve_vmoe_config(name))
+    assert [i.message for i in issues if i.scope == "inference"] == []
+    assert kwargs["expert_dispatch_dtype"] == "bfloat16"
+    assert kwargs["router_group_size"] == 8 * (kwargs["image_size"] // kwargs["patch_size"]) ** 2 + 8
+    assert kwargs["router_group_remainder"] == "pad" and kwargs["capacity_multiple_of"] == 4
+    assert kwargs["router_aux_loss_layer_reduction"] == "sum"
+    assert kwargs["router_load_loss_coef"] == 0.005 and kwargs["router_importance_loss_coef"] == 0.005
+    assert kwargs.get("representation_size") == VMOE_PRESETS[name]["model"]["representation_size"]
+    VMoEConfig(**kwargs)  # a valid config
 
 
 @pytest.mark.parametrize("name", ["eee_s32_last2_ilsvrc2012", "eee_s32_last2_ilsvrc2012_ft_cifar100"])
@@ -429,14 +443,19 @@ def test_strict_refuses_what_inference_would_not_reproduce(tmp_path):
     prefix = ref.save_sharded(params, tmp_path / "ckpt")
     from hf_vmoe import VMoEConfig
 
-    if "expert_dispatch_dtype" in {f.name for f in dataclasses.fields(VMoEConfig)}:
-        pytest.skip("VMoEConfig has expert_dispatch_dtype: the bfloat16 dispatcher converts exactly")
-    with pytest.raises(ValueError, match="expert_dispatch_dtype"):
+    assert "capacity_rounding" not in {f.name for f in dataclasses.fields(VMoEConfig)}
+    # vmoe's capacity_ceil_or_round="round" has no VMoEConfig option (no released config uses it)
+    config["encoder"]["moe"]["router"]["dispatcher"]["capacity_ceil_or_round"] = "round"
+    with pytest.raises(ValueError, match="capacity_rounding"):
         convert_vmoe_checkpoint(prefix, _spec(config), tmp_path / "hf", strict=True)
     _nothing_written(tmp_path)
-    with pytest.warns(UserWarning, match="bfloat16"):
+    with pytest.warns(UserWarning, match="capacity_ceil_or_round='round'"):
         result = convert_vmoe_checkpoint(prefix, _spec(config), tmp_path / "hf")
-    assert any("expert_dispatch_dtype" in m for m in result.inexact)
+    assert any("capacity_rounding" in m for m in result.inexact)
+    # the bfloat16 dispatcher itself converts exactly (expert_dispatch_dtype)
+    config["encoder"]["moe"]["router"]["dispatcher"]["capacity_ceil_or_round"] = "ceil"
+    result = convert_vmoe_checkpoint(prefix, _spec(config), tmp_path / "exact", strict=True)
+    assert result.inexact == [] and result.config.expert_dispatch_dtype == "bfloat16"
 
 
 @needs_reference
@@ -448,34 +467,138 @@ def test_label_list_of_the_wrong_length(tiny, tmp_path):
     _nothing_written(tmp_path)
 
 
-def _partial_groups_supported() -> bool:
-    """Does hf_vmoe route a batch whose token count `router_group_size` does not divide (a last, smaller group)?"""
-    from hf_vmoe import VMoEConfig, VMoEForImageClassification
-
-    try:
-        config = VMoEConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-                            image_size=8, patch_size=4, num_labels=2, routing_level="token", num_experts=2,
-                            moe_layers=(0,), eval_capacity_factor=1.0, router_group_size=10)
-        VMoEForImageClassification(config).eval()(torch.zeros(1, 3, 8, 8))
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 @needs_reference
-@pytest.mark.xfail(not _partial_groups_supported(), strict=True,
-                   reason="needs routing groups that need not divide the batch (a last, smaller group)")
 def test_converted_model_with_eval_capacity_runs_one_image(tmp_path):
-    """Released checkpoints route groups of 8 images; a pipeline sends one. vmoe itself cannot run such a batch."""
+    """Released checkpoints route groups of 8 images; a pipeline sends one. vmoe's model cannot route such a batch
+    (its evaluator pads the last batch with all-zero examples): the converted model pads the same way, at inference
+    (tests/test_vmoe_parity.py compares the result with vmoe's)."""
     from hf_vmoe import VMoEForImageClassification
 
     config, params = _tiny(capacity_factor=1.0)
     prefix = ref.save_sharded(params, tmp_path / "ckpt")
     convert_vmoe_checkpoint(prefix, _spec(config), tmp_path / "hf")
     model = VMoEForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.router_group_remainder == "pad"
+    pixels = torch.randn(3, 3, IMAGE, IMAGE)
     with torch.no_grad():
-        logits = model(torch.zeros(1, 3, IMAGE, IMAGE)).logits
-    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+        logits = model(pixels[:1], output_router_logits=True)
+        padded = model(torch.cat([pixels[:1], torch.zeros(BATCH - 1, 3, IMAGE, IMAGE)])).logits
+    assert logits.logits.shape == (1, 5) and torch.isfinite(logits.logits).all()
+    assert torch.allclose(logits.logits, padded[:1], atol=1e-6)  # one image = the image and 7 zero images
+    assert [tuple(r.shape) for r in logits.router_logits] == [(10, 4), (10, 4)]  # the real tokens only
+    model.config.router_group_remainder = "error"
+    with pytest.raises(ValueError, match="router_group_size=80 must divide the number of routed tokens"):
+        model(pixels[:1])
+
+
+def _token_model(**overrides):
+    from hf_vmoe import VMoEConfig, VMoEForImageClassification
+
+    kwargs = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16,
+                  patch_size=4, num_labels=3, routing_level="token", num_experts=4, num_experts_per_tok=2,
+                  moe_layers=(1,), capacity_factor=1.0, eval_capacity_factor=1.0, batch_priority_routing=True)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return VMoEForImageClassification(VMoEConfig(**kwargs))
+
+
+@pytest.mark.parametrize("router_type", ["top_k", "expert_choice"])
+def test_partial_last_group_routes_like_a_group_of_its_own(router_type):
+    """router_group_remainder="partial": 3 images of 17 tokens in groups of 34 = one full group (2 images) and a
+    last group of 17 tokens with its own capacity, routed exactly as that image alone in a group of 17."""
+    from hf_vmoe.modeling_vmoe import expert_capacity
+
+    model = _token_model(router_type=router_type, router_group_size=34, router_group_remainder="partial").eval()
+    router = model.vmoe.encoder.layer[1].mlp.router
+    hidden = torch.randn(3, 17, 16)
+    _, plan = router(hidden)
+    router.config.router_group_size = 17
+    _, alone = router(hidden[2:])
+    if router_type == "top_k":
+        assert torch.equal(plan.keep[34:], alone.keep) and not alone.keep.all()
+        router.config.router_group_size = 34
+        _, pair = router(hidden[:2])
+        assert torch.equal(plan.keep[:34], pair.keep)
+        assert expert_capacity(17 * 2, 1.0, 4, None) == 9  # the last group's capacity: from its own 17 tokens
+    else:
+        rows = plan.token_index.view(4, -1)  # expert-major: 2 * ceil(34 / 4) = 9 + 5 per expert
+        assert rows.shape[1] == 9 + 5
+        assert torch.equal(rows[:, 9:], alone.token_index.view(4, -1) + 34)
+    router.config.router_group_size = 34
+    model.train()
+    loss = model(torch.randn(3, 3, 16, 16), labels=torch.tensor([0, 1, 2])).loss  # losses over both groups
+    assert torch.isfinite(loss)
+
+
+def test_options_default_to_todays_computation():
+    """The parity options off (their defaults) compute exactly what the model computed without them."""
+    base = _token_model()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = base.eval()(x).logits
+        for overrides in (dict(router_aux_loss_layer_reduction="mean", router_load_loss_coef=0.0,
+                               router_group_remainder="error", expert_dispatch_dtype=None, use_cls_token=True,
+                               representation_size=None),):
+            assert torch.equal(_token_model(**overrides).eval()(x).logits, reference)
+
+
+def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs():
+    """expert_dispatch_dtype="bfloat16": y = sum_j w_j * bf16(expert_j(bf16(x))), the sum in float32."""
+    model = _token_model(expert_dispatch_dtype="bfloat16").eval()
+    block = model.vmoe.encoder.layer[1].mlp
+    hidden = torch.randn(2, 17, 16)
+    with torch.no_grad():
+        _, plan = block.router(hidden)
+        out = block(hidden, plan)
+        rows = hidden.reshape(-1, 16).to(torch.bfloat16).float()
+        expected = torch.zeros_like(rows)
+        for slot in range(2):
+            for token in range(rows.shape[0]):
+                if plan.keep is not None and not plan.keep[token, slot]:
+                    continue
+                e = int(plan.top_k_index[token, slot])
+                y = block.experts.expert_forward(e, rows[token:token + 1]).to(torch.bfloat16).float()
+                expected[token] += plan.top_k_weights[token, slot] * y[0]
+        assert torch.allclose(out.reshape(-1, 16), expected, atol=1e-6)
+        plain = model.vmoe.encoder.layer[1].mlp.experts
+        assert not torch.equal(out, plan.apply(plain, hidden))  # the rounding changes the result
+
+
+def test_pre_logits_and_no_class_token():
+    """representation_size: classifier(tanh(pre_logits(pooled))); use_cls_token=False: no class token, patch-only
+    position embeddings, the mean of every token."""
+    model = _token_model(representation_size=8, use_cls_token=False, pooling="mean").eval()
+    names = dict(model.named_parameters())
+    assert names["pre_logits.weight"].shape == (8, 16) and names["classifier.weight"].shape == (3, 8)
+    assert "vmoe.embeddings.cls_token" not in names
+    assert names["vmoe.embeddings.position_embeddings"].shape == (1, 16, 16)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        pooled = model.vmoe.layernorm(out.hidden_states[-1]).mean(dim=1)
+        expected = model.classifier(torch.tanh(model.pre_logits(pooled)))
+        assert out.hidden_states[-1].shape == (2, 16, 16)
+        assert torch.allclose(out.logits, expected, atol=1e-6)
+
+
+def test_noisy_training_adds_the_load_loss_and_sums_over_layers():
+    from hf_vmoe.modeling_vmoe import vmoe_routing_loss
+
+    model = _token_model(moe_layers=(0, 1), router_noise_std=0.5, router_load_loss_coef=0.1,
+                         router_aux_loss_coef=0.0, router_z_loss_coef=0.0).train()
+    out = model(torch.randn(2, 3, 16, 16), output_router_logits=True)
+    assert out.aux_loss > 0  # the load loss alone
+    model.eval()
+    assert model.vmoe(torch.randn(2, 3, 16, 16), compute_routing_loss=True).aux_loss == 0  # no noise: no load loss
+    config = model.config
+    plans = []
+    model.train()
+    for layer in model.vmoe.encoder.layer:
+        plans.append(layer.mlp.router(torch.randn(2, 17, 16))[1])
+    mean = vmoe_routing_loss(tuple(plans), config)["aux_loss"]
+    config.router_aux_loss_layer_reduction = "sum"
+    total = vmoe_routing_loss(tuple(plans), config)["aux_loss"]
+    assert torch.allclose(total, 2 * mean)
 
 
 def test_architecture_errors_name_the_parameter():

@@ -1,11 +1,11 @@
-"""hf_vmoe.data_utils: the helpers shared by the example scripts."""
+"""hf_vmoe.integrations.data: the helpers shared by the example scripts."""
 
 import evaluate
 import pytest
 from conftest import load_example
 
 from hf_vmoe import VMoEConfig
-from hf_vmoe.data_utils import metric_path, parse_config_overrides, parse_moe_layers_arg
+from hf_vmoe.integrations.data import metric_path, parse_config_overrides, parse_moe_layers_arg
 
 
 def test_config_overrides_types():
@@ -47,7 +47,7 @@ def test_metric_path_loads_offline():
 
 
 def test_size_dict():
-    from hf_vmoe.data_utils import size_dict
+    from hf_vmoe.integrations.data import size_dict
 
     assert size_dict(224) == {"height": 224, "width": 224}
     assert size_dict([64, 48]) == {"height": 64, "width": 48}

@@ -14,7 +14,7 @@
   `#anchor` at a heading (GitHub's anchor rules) or an `<a id>` of the target page.
 - The reference tables are checked against the code: docs/configuration.md against `VMoEConfig`'s fields, types and
   defaults; the presets table of
-  docs/mobile-vmoe-recipe.md against `hf_vmoe.presets`; the README's results table against the committed records it
+  docs/mobile-vmoe-recipe.md against `hf_vmoe.recipes.presets`; the README's results table against the committed records it
   links; docs/architecture.md's module list and dependency rule against src/hf_vmoe/.
 """
 
@@ -306,7 +306,7 @@ def test_configuration_table_matches_vmoeconfig():
 
 
 def test_presets_table_matches_the_presets():
-    from hf_vmoe.presets import format_preset_table, preset_table
+    from hf_vmoe.recipes.presets import format_preset_table, preset_table
 
     page = (DOCS / "mobile-vmoe-recipe.md").read_text()
     generated = format_preset_table(preset_table(), markdown=True).splitlines()
@@ -356,6 +356,94 @@ def test_checkpoint_files_import_only_each_other():
     assert _imports_of_ours(PACKAGE / "configuration_vmoe.py") == set()
     assert _imports_of_ours(PACKAGE / "image_processing_vmoe.py") == set()
     assert _imports_of_ours(PACKAGE / "modeling_vmoe.py") <= {"configuration_vmoe"}
+
+
+def _layer(module: str) -> str:
+    top = module.split(".")[0]
+    if top in ("configuration_vmoe", "modeling_vmoe", "image_processing_vmoe", ""):
+        return "checkpoint"
+    return top if top in ("recipes", "integrations") else "apps"
+
+
+ALLOWED = {"checkpoint": {"checkpoint"}, "recipes": {"checkpoint", "recipes"},
+           "integrations": {"checkpoint", "recipes", "integrations"},
+           "apps": {"checkpoint", "recipes", "integrations", "apps"}}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "recipes").glob("*.py")) + sorted((PACKAGE / "integrations").glob("*.py")),
+                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_imports_point_one_way(path):
+    """checkpoint <- recipes <- integrations <- apps: a module imports only its own layer and the ones below."""
+    layer = path.parent.name
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            # resolve the relative import against the module's package (hf_vmoe.<layer>)
+            target = (node.module or "") if node.level == 2 else f"{layer}.{node.module or ''}"
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_vmoe"):
+            target = node.module.removeprefix("hf_vmoe").lstrip(".")
+        else:
+            continue
+        assert _layer(target) in ALLOWED[layer], f"{path.name} (a {layer} module) imports {target or 'hf_vmoe'}"
+
+
+DOCUMENTED_IMPORT = re.compile(r"^\s*from (hf_vmoe[\w.]*) import \(?([\w, ]+)", re.M)
+DOCUMENTED_PATH = re.compile(r"`(hf_vmoe(?:\.\w+)+)`")
+
+
+def _documented_imports() -> dict[str, set[str]]:
+    """Every `from hf_vmoe... import names` and every `hf_vmoe.a.b` code span in README.md and docs/."""
+    found: dict[str, set[str]] = {}
+    for page in PAGES:
+        text = page.read_text()
+        for module, names in DOCUMENTED_IMPORT.findall(text):
+            found.setdefault(module, set()).update(n.strip() for n in names.split(",") if n.strip())
+        for dotted in DOCUMENTED_PATH.findall(text):
+            found.setdefault(dotted, set())
+    return found
+
+
+def test_every_documented_import_path_works():
+    import importlib
+    import warnings
+
+    import hf_vmoe
+
+    documented = _documented_imports()
+    assert len(documented) > 10
+    moved = {f"hf_vmoe.{old}" for old in hf_vmoe._MOVED}  # named as moved paths; test_moved_module_paths_... checks
+    for dotted, names in sorted(documented.items()):
+        if dotted in moved:
+            assert not names, f"docs import from the moved path {dotted}; use its new module"
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # docs use the current paths, not the moved ones
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                    break
+                except ModuleNotFoundError:
+                    continue
+            for attribute in parts[cut:]:
+                assert hasattr(obj, attribute), f"{dotted}: {'.'.join(parts[:cut])} has no {attribute}"
+                obj = getattr(obj, attribute)
+        for name in names:
+            assert hasattr(obj, name), f"docs import {name} from {dotted}, which has no such name"
+
+
+def test_moved_module_paths_still_import():
+    """The flat layout's module paths resolve, with a FutureWarning naming the new place."""
+    import importlib
+
+    import hf_vmoe
+
+    for old, targets in hf_vmoe._MOVED.items():
+        with pytest.warns(FutureWarning, match=targets[0].replace(".", r"\.")):
+            module = importlib.import_module(f"hf_vmoe.{old}")
+        for target in targets:
+            new = importlib.import_module(f"hf_vmoe.{target}")
+            assert all(getattr(module, name) is getattr(new, name) for name in new.__all__)
+        sys.modules.pop(f"hf_vmoe.{old}", None)
 
 
 def test_architecture_page_names_every_module():

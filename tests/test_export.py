@@ -8,7 +8,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from hf_vmoe import VMoEForImageClassification  # noqa: E402
-from hf_vmoe.export import OnnxVMoE, export_onnx  # noqa: E402
+from hf_vmoe.integrations.export import OnnxVMoE, export_onnx  # noqa: E402
 
 
 def _spread_router(model, scale=3.0):

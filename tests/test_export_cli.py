@@ -10,7 +10,7 @@ pytest.importorskip("onnxscript")
 
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor  # noqa: E402
 from hf_vmoe.cli import main  # noqa: E402
-from hf_vmoe.export import OnnxVMoE  # noqa: E402
+from hf_vmoe.integrations.export import OnnxVMoE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytest.importorskip(
 )
 
 from hf_vmoe import VMoEForImageClassification  # noqa: E402
-from hf_vmoe.export import ExecuTorchVMoE, export_executorch  # noqa: E402
+from hf_vmoe.integrations.export import ExecuTorchVMoE, export_executorch  # noqa: E402
 
 ATOL = 1e-4
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from hf_vmoe import VMoEForImageClassification
-from hf_vmoe.export import int8_expert_weights
+from hf_vmoe.integrations.export import int8_expert_weights
 
 NUM_EXPERTS = 4
 SUPERCLASSES = [c % NUM_EXPERTS for c in range(10)]
@@ -65,7 +65,7 @@ def _compare(name, logits, experts, reference_logits, reference_experts, test_y,
 
 def test_executorch_int8_keeps_accuracy_and_routing(trained, digits, tmp_path):
     pytest.importorskip("executorch.runtime", reason='ExecuTorch is the `executorch` extra: pip install "hf-vmoe[executorch]"')
-    from hf_vmoe.export import ExecuTorchVMoE, export_executorch
+    from hf_vmoe.integrations.export import ExecuTorchVMoE, export_executorch
 
     model, ref_logits, ref_experts = trained
     (train_x, _), (test_x, test_y) = digits
@@ -85,7 +85,7 @@ def test_executorch_int8_keeps_accuracy_and_routing(trained, digits, tmp_path):
 def test_onnxruntime_int8_keeps_accuracy_and_routing(quantization, trained, digits, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from hf_vmoe.export import OnnxVMoE, export_onnx
+    from hf_vmoe.integrations.export import OnnxVMoE, export_onnx
 
     model, ref_logits, ref_experts = trained
     (train_x, _), (test_x, test_y) = digits
@@ -110,7 +110,7 @@ def test_int8_expert_weights_pass_is_weight_only_int8():
     quantization step of the float32 weights; the program's outputs stay close to float32."""
     torch.manual_seed(0)
     model = VMoEForImageClassification(tiny_config(num_experts_per_tok=2, shared_router=False)).eval()
-    from hf_vmoe.export import _ExportWrapper
+    from hf_vmoe.integrations.export import _ExportWrapper
 
     wrapper = _ExportWrapper(model, with_router_logits=False).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -6,8 +6,9 @@ from conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_vmoe import VMoEForImageClassification, VMoEModel
-from hf_vmoe.flops import count_flops, count_params, measure_flops
-from hf_vmoe.presets import get_preset, init_experts_from_dense, preset_names, preset_table
+from hf_vmoe.recipes.flops import count_flops, count_params, measure_flops
+from hf_vmoe.recipes.presets import get_preset, preset_names, preset_table
+from hf_vmoe.recipes.upcycling import init_experts_from_dense
 
 CONFIGS = {
     "dense": dict(moe_layers="none"),
@@ -24,6 +25,7 @@ CONFIGS = {
     "expert_choice_batch_group_multiple_of_4": dict(routing_level="token", router_type="expert_choice",
                                                     capacity_multiple_of=4),
     "soft_two_slots": dict(routing_level="token", router_type="soft", num_slots=2, moe_layers="every:2"),
+    "vmoe_gap_pre_logits": dict(routing_level="token", use_cls_token=False, pooling="mean", representation_size=24),
 }
 ALL_EXPERTS_ACTIVE = ("expert_choice", "soft")  # every expert computes part of every image
 
@@ -136,9 +138,9 @@ def test_cli_presets_and_flops(capsys):
 
 
 def test_init_experts_from_dense_noise_is_seeded_and_breaks_symmetry():
-    from hf_vmoe.upcycling import init_experts_from_dense as canonical
+    from hf_vmoe.recipes.upcycling import init_experts_from_dense as canonical
 
-    assert canonical is init_experts_from_dense  # one implementation, re-exported by hf_vmoe.presets
+    assert canonical is init_experts_from_dense  # one implementation, re-exported by hf_vmoe.recipes.presets
     dense = VMoEForImageClassification(tiny_config(moe_layers="none")).eval()
     a, b = (init_experts_from_dense(VMoEForImageClassification(tiny_config()), dense, noise_std=0.1, seed=3)
             for _ in range(2))

@@ -16,7 +16,8 @@ from conftest import tiny_config
 from hub_server import HubServer
 
 from hf_vmoe import VMoEConfig
-from hf_vmoe.hub import build_model_card, count_parameters, main as hub_main, publish
+from hf_vmoe.cli import main as cli_main
+from hf_vmoe.integrations.hub import build_model_card, count_parameters, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,9 +100,9 @@ def test_card_token_routing_and_untrained_honesty():
 
 def test_committed_card_is_generated_by_the_cli(tmp_path):
     out = tmp_path / "README.md"
-    hub_main(["card", "--preset", "mobile-vmoe-tiny", "--repo-id", "hf-vmoe/mobile-vmoe-tiny", "--out", str(out)])
+    assert cli_main(["card", "--preset", "mobile-vmoe-tiny", "--repo-id", "hf-vmoe/mobile-vmoe-tiny", "--out", str(out)]) == 0
     committed = ROOT / "model_cards" / "mobile-vmoe-tiny" / "README.md"
-    assert committed.read_text() == out.read_text(), "regenerate with the command in the README (Publishing, multi-process training and device export)"
+    assert committed.read_text() == out.read_text(), "regenerate with the hf-vmoe card command in docs/hub-accelerate-export.md"
     assert "no trained checkpoint has been published yet" in committed.read_text()
     meta = _front_matter(committed.read_text())
     assert meta["model_name"] == "mobile-vmoe-tiny"
@@ -137,7 +138,7 @@ def hub(tmp_path):
 def test_publish_then_load_by_id(hub, tmp_path):
     env = hub.client_env(home=tmp_path / "home_push")
     _ok(_run(PREAMBLE + MAKE_MODEL + f"""
-from hf_vmoe.hub import publish
+from hf_vmoe.integrations.hub import publish
 from safetensors.torch import save_file
 info = publish(model, processor, "org/mobile-vmoe-tiny", trained_on="nothing: test weights")
 print("COMMIT", info.oid)
@@ -278,7 +279,7 @@ def test_offline_push_fails_clearly_and_writes_nothing(hub, tmp_path):
     env = hub.client_env(home=home, HF_HUB_OFFLINE="1")
     result = _run(PREAMBLE + MAKE_MODEL + """
 from huggingface_hub.errors import OfflineModeIsEnabled
-from hf_vmoe.hub import publish
+from hf_vmoe.integrations.hub import publish
 errors = []
 for name, push in [("publish", lambda: publish(model, processor, "org/offline")),
                    ("model.push_to_hub", lambda: model.push_to_hub("org/offline")),

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_vmoe import VMoEBackbone, VMoEForImageClassification, VMoEForSemanticSegmentation, VMoEModel
-from hf_vmoe.analysis import collect_routing
+from hf_vmoe.recipes.analysis import collect_routing
 from hf_vmoe.modeling_vmoe import (
     ExpertChoiceRouting,
     SoftRouting,
@@ -19,7 +19,7 @@ from hf_vmoe.modeling_vmoe import (
     VMoERouter,
     VMoESparseMoeBlock,
 )
-from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
+from hf_vmoe.integrations.upernet import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
 
 SEQ = 17
 EXPERT_CHOICE = dict(routing_level="token", router_type="expert_choice")
@@ -201,7 +201,7 @@ def test_gradient_checkpointing_keeps_the_routing_gradients(name, reentrant):
 
 
 def test_trainer_total_flos_counts_active_flops():
-    from hf_vmoe.flops import count_flops
+    from hf_vmoe.recipes.flops import count_flops
 
     for overrides in (dict(), dict(routing_level="token", num_experts_per_tok=2)):
         config = tiny_config(**overrides)
@@ -255,6 +255,8 @@ def test_router_group_size_must_divide_the_tokens():
 def test_soft_moe_weights_are_convex_and_every_token_is_used():
     config = tiny_config(**SOFT)
     block = VMoESparseMoeBlock(config)
+    for parameter in block.experts.parameters():  # a bare block is not initialised (torch.empty): give it weights
+        torch.nn.init.normal_(parameter, std=0.02)
     torch.nn.init.normal_(block.router.weight, std=1.0)
     x = torch.randn(3, SEQ, 32, requires_grad=True)
     logits, plan = block.router(x)
@@ -424,8 +426,8 @@ def test_top_k_router_group_size_applies_capacity_per_group():
 
 
 def test_a_users_trainer_counts_active_flops_through_count_active_flops(tmp_path):
-    from hf_vmoe.callbacks import count_active_flops
-    from hf_vmoe.flops import count_flops
+    from hf_vmoe.integrations.callbacks import count_active_flops
+    from hf_vmoe.recipes.flops import count_flops
 
     config = tiny_config(**EXPERT_CHOICE, router_group_size=SEQ)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, use_cpu=True,

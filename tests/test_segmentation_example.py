@@ -13,7 +13,7 @@ from conftest import load_example
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from hf_vmoe.segmentation import (
+from hf_vmoe.integrations.data import (
     SegmentationTransform,
     ade20k_id2label,
     find_ade_pairs,
@@ -108,7 +108,7 @@ def test_example_upernet_upcycled(tmp_path):
         Image.fromarray(np.where(arr > 3, 0, arr).astype(np.uint8)).save(png)
     trainer = script.main(args)
     _check_results(out, 3)
-    from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation
+    from hf_vmoe.integrations.upernet import VMoEUperNetForSemanticSegmentation
 
     assert isinstance(trainer.model, VMoEUperNetForSemanticSegmentation)
     reloaded = VMoEUperNetForSemanticSegmentation.from_pretrained(out)

@@ -6,7 +6,7 @@ from conftest import tiny_config
 from transformers import Trainer, TrainingArguments
 
 from hf_vmoe import VMoEForImageClassification
-from hf_vmoe.callbacks import RouterStatsCallback
+from hf_vmoe.integrations.callbacks import RouterStatsCallback
 
 SUPERCLASSES = [0, 0, 1, 1, 2]
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 
 from hf_vmoe import VMoEForImageClassification
-from hf_vmoe.superclasses import (
+from hf_vmoe.recipes.superclasses import (
     balanced_partition,
     confusion_matrix,
     group_sizes,

@@ -23,7 +23,7 @@ from hf_vmoe import (
     VMoEForSemanticSegmentation,
     VMoEModel,
 )
-from hf_vmoe.upcycling import upcycle, vmoe_config_from_dense
+from hf_vmoe.recipes.upcycling import upcycle, vmoe_config_from_dense
 
 DENSE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5)
 ATOL = 1e-5

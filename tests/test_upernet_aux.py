@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_config
 from transformers import UperNetForSemanticSegmentation
 
-from hf_vmoe.segmentation import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
+from hf_vmoe.integrations.upernet import VMoEUperNetForSemanticSegmentation, vmoe_upernet_config
 
 
 def test_upernet_keeps_aux_loss():

@@ -16,8 +16,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import ModelOutput
 
 from hf_vmoe import VMoEForImageClassification
-from hf_vmoe.analysis import plot_heatmap
-from hf_vmoe.callbacks import RouterStatsCallback, routing_health
+from hf_vmoe.recipes.analysis import plot_heatmap
+from hf_vmoe.integrations.callbacks import RouterStatsCallback, routing_health
 from hf_vmoe.cli import main as cli_main
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,10 +146,10 @@ def _evaluate_twice(model, tmp_path, caplog):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=10, report_to="none", use_cpu=True)
     trainer = Trainer(model=model, args=args, eval_dataset=Images())
     callback = RouterStatsCallback.attach(trainer)
-    with caplog.at_level(logging.INFO, logger="hf_vmoe.callbacks"):
+    with caplog.at_level(logging.INFO, logger="hf_vmoe.integrations.callbacks"):
         trainer.evaluate()
         trainer.evaluate()
-    return callback, [r for r in caplog.records if r.name == "hf_vmoe.callbacks"]
+    return callback, [r for r in caplog.records if r.name == "hf_vmoe.integrations.callbacks"]
 
 
 def test_collapsed_routing_warns_once_per_evaluation_with_knobs(tmp_path, caplog):
@@ -191,7 +191,7 @@ def test_routing_health_thresholds_and_errors():
 
 
 def _card(**kwargs):
-    from hf_vmoe.hub import build_model_card
+    from hf_vmoe.integrations.hub import build_model_card
 
     config = tiny_config(superclass_ids=[0, 1, 2, 3, 0])
     return str(build_model_card(config, "org/moe", trained_on="a toy set", **kwargs))
@@ -218,7 +218,7 @@ def test_card_says_what_the_model_was_trained_from(tmp_path):
     unstated = _card()
     assert "scratch" not in unstated and "Fine-tuned" not in unstated
     with pytest.raises(ValueError, match="trained_on"):
-        from hf_vmoe.hub import build_model_card
+        from hf_vmoe.integrations.hub import build_model_card
 
         build_model_card(tiny_config(), "org/x", trained_from="scratch")  # untrained weights trained from?
 
@@ -295,7 +295,7 @@ def _args(root, out, *extra):
 def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog):
     import warnings
 
-    from hf_vmoe.flops import count_flops
+    from hf_vmoe.recipes.flops import count_flops
 
     script = load_example("run_image_classification")
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
@@ -328,7 +328,7 @@ def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog)
     loss_logs = [h for h in moe.state.log_history if "loss" in h]
     assert len(loss_logs) == steps // 2 and all("expert_load_max" in h for h in loss_logs)
     # 2. one routing-health line per evaluation, and the same summary in all_results.json and the card
-    health_lines = [r.getMessage() for r in caplog.records if r.name == "hf_vmoe.callbacks"]
+    health_lines = [r.getMessage() for r in caplog.records if r.name == "hf_vmoe.integrations.callbacks"]
     assert len(health_lines) == 1 and health_lines[0].startswith(f"routing health at step {steps}: ")
     results = json.loads((moe_dir / "all_results.json").read_text())
     assert health_lines[0].endswith(results["eval_routing_health"])
@@ -342,7 +342,7 @@ def test_recipe_defaults_heldout_health_and_card(small_folder, tmp_path, caplog)
 
 
 def test_explicit_heldout_folder_matches_the_cli(small_folder, tmp_path):
-    from hf_vmoe.superclasses import load_superclass_map
+    from hf_vmoe.recipes.superclasses import load_superclass_map
 
     script = load_example("run_image_classification")
     out = tmp_path / "dense"
@@ -358,7 +358,7 @@ def test_explicit_heldout_folder_matches_the_cli(small_folder, tmp_path):
 
 
 def test_script_defaults_respect_the_command_line(tmp_path):
-    from hf_vmoe.script_defaults import apply_script_defaults, flag_given
+    from hf_vmoe.integrations.script_defaults import apply_script_defaults, flag_given
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     assert args.logging_steps == 500 and args.dataloader_pin_memory

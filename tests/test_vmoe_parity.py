@@ -1,16 +1,19 @@
 """Numerical parity with Google's reference V-MoE (google-research/vmoe, JAX/Flax, imported from ../shared/ref).
 
 Each case builds a small V-MoE with vmoe's own Flax modules (random, perturbed parameters), saves it with vmoe's
-own sharded checkpoint writer, converts it with `hf_vmoe.convert_vmoe` and runs both models on the same images:
+own sharded checkpoint writer, converts it with `hf_vmoe.integrations.convert_vmoe` and runs both models on the same images:
 
 * inference (vmoe deterministic=True, hf eval()): logits within 1e-4 of the logit scale, the experts every token
   chose (best first), and which choices capacity dropped, in every MoE block;
 * training mode without router noise (vmoe deterministic=False, hf train()): the same, under the training capacity,
-  and the auxiliary losses vmoe reports in its metrics against hf_vmoe's `aux_loss`.
+  and the auxiliary losses vmoe reports in its metrics against hf_vmoe's `aux_loss`;
+* batches that are not whole routing groups: vmoe's evaluator pads its last batch with all-zero examples, hf_vmoe's
+  `router_group_remainder="pad"` (set by the converter) does the same;
+* training with router noise: the noise samples differ, so hf_vmoe's `aux_loss` is checked against vmoe's own loss
+  functions (importance and load loss) applied to the clean and noisy logits of hf_vmoe's forward.
 
-A case that needs a VMoEConfig option hf_vmoe does not have yet is an expected failure (strict) while the option is
-missing, and an ordinary test once `VMoEConfig` has the field. The whole module skips when the reference code or jax
-is absent. Spec: docs/vmoe-parity-spec.md.
+`Case.needs` names the parity options of VMoEConfig a case exercises (docs/vmoe-parity-spec.md §10); every one
+exists now, so every case is an ordinary test. The whole module skips when the reference code or jax is absent.
 """
 
 from __future__ import annotations
@@ -32,24 +35,11 @@ BATCH, IMAGE, TOKENS = 8, 24, 10  # 24 px images, 8 px patches: 9 patches + the 
 RTOL = 1e-4  # max |logit difference| / max |reference logit|
 
 
-@functools.cache
-def _config_fields() -> frozenset:
-    from hf_vmoe import VMoEConfig
-
-    return frozenset(f.name for f in dataclasses.fields(VMoEConfig))
-
-
-def needs(*options: str):
-    """Expected to fail while VMoEConfig lacks any of `options`; an ordinary test once it has them all."""
-    missing = [o for o in options if o not in _config_fields()]
-    return pytest.mark.xfail(bool(missing), strict=True, reason=f"needs VMoEConfig.{', VMoEConfig.'.join(missing)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
     config: dict  # vmoe_reference.model_config kwargs
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # the VMoEConfig parity options the case exercises
     drops: bool = False  # capacity must drop some choices (a check that the case tests capacity)
     eval_overrides: tuple = ()  # vmoe's evaluate.model_overrides: ((dispatcher field, value), ...)
 
@@ -116,7 +106,7 @@ def _converted(case: Case, tmp_root: str) -> str:
 
 
 def _convert(case: Case, tmp_root: str) -> str:
-    from hf_vmoe.convert_vmoe import convert_vmoe_checkpoint
+    from hf_vmoe.integrations.convert_vmoe import convert_vmoe_checkpoint
 
     config, params, _ = _reference(case)
     prefix = ref.save_sharded(params, f"{tmp_root}/{case.name}/ckpt", num_shards=2)
@@ -191,7 +181,7 @@ def _compare(case: Case, folder: str, train: bool):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, id=c.name, marks=needs(*c.needs)) for c in CASES]
+    "case", [pytest.param(c, id=c.name) for c in CASES]
 )
 def test_inference_matches_reference(case, tmp_root):
     _compare(case, _converted(case, tmp_root), train=False)
@@ -199,11 +189,12 @@ def test_inference_matches_reference(case, tmp_root):
 
 TRAIN_CASES = [
     Case("train-k2-every2-capacity", dict(k=2, moe_layers=(1, 3), capacity_factor=1.0, group_size=ONE_GROUP),
-         drops=True),
+         needs=("router_aux_loss_layer_reduction",), drops=True),
     Case("train-k1-last2-capacity-bpr",
-         dict(k=1, moe_layers=(2, 3), capacity_factor=1.0, batch_priority=True, group_size=ONE_GROUP), drops=True),
+         dict(k=1, moe_layers=(2, 3), capacity_factor=1.0, batch_priority=True, group_size=ONE_GROUP),
+         needs=("router_aux_loss_layer_reduction",), drops=True),
     Case("train-k2-every2-groups", dict(k=2, moe_layers=(1, 3), capacity_factor=1.0, group_size=TWO_IMAGES),
-         needs=("router_group_size",), drops=True),
+         needs=("router_group_size", "router_aux_loss_layer_reduction"), drops=True),
 ]
 
 
@@ -214,7 +205,7 @@ def _layer_reduce(model, values: list[float]) -> float:
     return float(np.mean(values))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=needs(*c.needs)) for c in TRAIN_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in TRAIN_CASES])
 def test_training_forward_and_importance_loss_match_reference(case, tmp_root):
     """Training mode without noise: logits, choices and drops under the training capacity; hf's aux_loss (the
     converter keeps only the importance loss, weight 0.005) equals vmoe's importance_loss per block (mean over
@@ -228,8 +219,7 @@ def test_training_forward_and_importance_loss_match_reference(case, tmp_root):
     assert abs(float(out.aux_loss) - expected) <= 1e-5 * max(1.0, abs(expected)), (float(out.aux_loss), expected)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=needs("router_aux_loss_layer_reduction", *c.needs))
-                                  for c in TRAIN_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in TRAIN_CASES])
 def test_training_aux_loss_equals_vmoe_auxiliary_loss(case, tmp_root):
     """vmoe's total: metrics['auxiliary_loss'] summed over MoE blocks, averaged over groups (what its trainer adds
     to the loss). Without noise it is importance_loss_weight x importance_loss (no load loss)."""
@@ -253,3 +243,121 @@ def test_switch_loss_equals_vmoe_gshard_loss_for_k1(tmp_root):
     out = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
     expected = _layer_reduce(model, [float(m["gshard_loss"].mean()) for m in theirs.metrics.values()])
     assert abs(float(out.aux_loss) - expected) <= 1e-5 * max(1.0, abs(expected)), (float(out.aux_loss), expected)
+
+
+# -- batches that are not whole routing groups -----------------------------------------------------------------------
+
+# (case, images hf_vmoe gets): vmoe runs the BATCH images with the ones after the first `images` set to zero (its
+# evaluator's fake examples), hf_vmoe runs the first `images` and pads them itself (router_group_remainder="pad").
+PADDED_CASES = [
+    (Case("padded-one-image-k2-capacity", dict(k=2, moe_layers=(1, 3), capacity_factor=1.0, group_size=ONE_GROUP),
+          needs=("router_group_size", "router_group_remainder"), drops=True), 1),
+    (Case("padded-3-images-k2-capacity-bpr",
+          dict(k=2, moe_layers=(1, 3), capacity_factor=1.0, batch_priority=True, group_size=ONE_GROUP),
+          needs=("router_group_size", "router_group_remainder"), drops=True), 3),
+    (Case("padded-6-images-groups-of-4", dict(k=1, moe_layers=(2, 3), capacity_factor=1.0, group_size=TWO_IMAGES),
+          needs=("router_group_size", "router_group_remainder"), drops=True), 6),
+]
+
+
+def compare_padded(case: Case, images: int, tmp_root: str) -> dict:
+    """vmoe on the zero-padded batch, hf_vmoe on the real images: the logits of the real images and the routing of
+    every token (hf_vmoe's plans cover its padded batch)."""
+    config, params, x = _reference(case)
+    padded = x.copy()
+    padded[images:] = 0.0
+    theirs = ref.run(config, params, padded)
+    model, out, routing = _ours(_converted(case, tmp_root), x[:images], train=False)
+    assert model.config.router_group_remainder == "pad"
+    scale = float(np.abs(theirs.logits[:images]).max())
+    result = {"max_rel_logit_diff": float(np.abs(out.logits.detach().numpy() - theirs.logits[:images]).max()) / scale,
+              "experts_differ": 0, "dropped_differ": 0, "reference_dropped": 0, "choices": 0}
+    for name in theirs.experts:
+        plan = routing[int(name.rpartition("_")[2])]
+        result["experts_differ"] += int((plan.top_k_index.numpy() != theirs.experts[name]).any(axis=1).sum())
+        kept = np.ones_like(theirs.kept[name]) if plan.keep is None else plan.keep.numpy()
+        result["dropped_differ"] += int((kept != theirs.kept[name]).any(axis=1).sum())
+        result["reference_dropped"] += int((~theirs.kept[name]).sum())
+        result["choices"] += int(theirs.kept[name].size)
+    result["tokens"] = int(theirs.experts[name].shape[0])
+    return result
+
+
+@pytest.mark.parametrize("case, images", [pytest.param(c, n, id=c.name) for c, n in PADDED_CASES])
+def test_batch_padded_to_whole_groups_matches_vmoe_evaluator(case, images, tmp_root):
+    result = compare_padded(case, images, tmp_root)
+    assert result["max_rel_logit_diff"] <= RTOL, result
+    assert result["experts_differ"] == 0 and result["dropped_differ"] == 0, result
+    assert result["reference_dropped"] > 0, f"{case.name}: nothing dropped; the case does not test capacity"
+
+
+def test_padding_is_for_inference_only(tmp_root):
+    """vmoe's training batches are whole groups (the input pipeline drops the remainder): so are hf_vmoe's."""
+    case, _ = PADDED_CASES[0]
+    _, _, x = _reference(case)
+    from hf_vmoe import VMoEForImageClassification
+
+    model = VMoEForImageClassification.from_pretrained(_converted(case, tmp_root)).train()
+    with pytest.raises(ValueError, match="must divide the number of routed tokens.*'pad' pads at inference only"):
+        model(torch.from_numpy(np.ascontiguousarray(x[:3].transpose(0, 3, 1, 2))))
+
+
+# -- the load loss (training with router noise) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_loss_formula_equals_vmoe(k):
+    """hf_vmoe's `vmoe_load_loss` against vmoe's `_load_auxiliary_loss` (vmapped over groups as vmoe does)."""
+    from hf_vmoe.modeling_vmoe import vmoe_load_loss
+
+    m = ref.modules()
+    rng = np.random.default_rng(k)
+    logits = rng.normal(size=(3, 40, 4)).astype(np.float32)
+    sigma = 0.25
+    noisy = (logits + sigma * rng.normal(size=logits.shape)).astype(np.float32)
+    theirs = m.jax.vmap(functools.partial(m.routing.NoisyTopExpertsPerItemRouter._load_auxiliary_loss,
+                                          num_selected_experts=k, noise_std=sigma))(m.jnp.asarray(logits),
+                                                                                   m.jnp.asarray(noisy))
+    ours = vmoe_load_loss(torch.from_numpy(logits), torch.from_numpy(noisy), k, sigma)
+    np.testing.assert_allclose(ours.numpy(), np.asarray(theirs), rtol=1e-5, atol=1e-7)
+
+
+NOISY_CASES = [
+    Case("train-noisy-k2-every2-groups",
+         dict(k=2, moe_layers=(1, 3), capacity_factor=1.0, group_size=TWO_IMAGES, noise_std=1.0),
+         needs=("router_load_loss_coef", "router_aux_loss_layer_reduction", "router_group_size")),
+    Case("train-noisy-k1-last2", dict(k=1, moe_layers=(2, 3), capacity_factor=1.0, group_size=ONE_GROUP,
+                                      noise_std=1.0, load_loss_weight=0.01),
+         needs=("router_load_loss_coef", "router_aux_loss_layer_reduction")),
+]
+
+
+def noisy_aux_loss(case: Case, tmp_root: str) -> tuple[float, float]:
+    """(hf_vmoe's aux_loss in training with noise, vmoe's auxiliary_loss formula on hf_vmoe's clean and noisy
+    logits: the sum over MoE blocks of the mean over groups of w_importance * importance + w_load * load)."""
+    config, params, x = _reference(case)
+    model, out, routing = _ours(_converted(case, tmp_root), x, train=True)
+    m = ref.modules()
+    router = m.routing.NoisyTopExpertsPerItemRouter
+    moe = config["encoder"]["moe"]
+    k, group = moe["router"]["num_selected_experts"], moe["group_size"]
+    sigma = moe["router"]["noise_std"] / moe["num_experts"]
+    assert model.config.router_noise_std == sigma and model.config.router_aux_loss_layer_reduction == "sum"
+    expected = 0.0
+    for block in sorted(routing):
+        plan = routing[block]
+        assert plan.noisy_logits is not None
+        clean = m.jnp.asarray(plan.logits.detach().numpy().reshape(-1, group, moe["num_experts"]))
+        noisy = m.jnp.asarray(plan.noisy_logits.detach().numpy().reshape(clean.shape))
+        importance = m.jax.vmap(router._importance_auxiliary_loss)(m.jax.nn.softmax(clean))
+        load = m.jax.vmap(functools.partial(router._load_auxiliary_loss, num_selected_experts=k,
+                                            noise_std=sigma))(clean, noisy)
+        expected += float(np.mean(moe["router"]["importance_loss_weight"] * np.asarray(importance)
+                                  + moe["router"]["load_loss_weight"] * np.asarray(load)))
+    return float(out.aux_loss.detach()), expected
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in NOISY_CASES])
+def test_noisy_training_aux_loss_is_vmoe_formula(case, tmp_root):
+    ours, expected = noisy_aux_loss(case, tmp_root)
+    assert abs(ours - expected) <= 1e-5 * max(1.0, abs(expected)), (ours, expected)

@@ -3,7 +3,7 @@
 
 For every finished run in $EVD/runs it reloads the saved model and measures, on the validation split:
 classification top-1 / top-5 (and top-1 on the training images, for the generalisation gap), total / active
-parameters and FLOPs (analytic `hf_vmoe.flops.count_flops`, checked against `measure_flops`), router super-class
+parameters and FLOPs (analytic `hf_vmoe.recipes.flops.count_flops`, checked against `measure_flops`), router super-class
 accuracy (the router decides alone), expert load per MoE router; for segmentation the script's own eval metrics
 (mIoU, per-class IoU). It plots the training curves from each run's trainer_state.json and runs the project's
 routing analysis (examples/analyze_routing.py) on every MoE model.
@@ -29,7 +29,7 @@ from hf_vmoe import (
     VMoEForSemanticSegmentation,
     VMoEImageProcessor,
 )
-from hf_vmoe.flops import count_flops, count_params, measure_flops
+from hf_vmoe.recipes.flops import count_flops, count_params, measure_flops
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

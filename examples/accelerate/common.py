@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForImageClassification
+from hf_vmoe.configuration_vmoe import to_pair
 from hf_vmoe.modeling_vmoe import VMoETopKRouter
 
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
@@ -52,8 +53,7 @@ class SyntheticImages(Dataset):
 
     def __init__(self, config, size: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        hw = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-        self.pixel_values = torch.randn(size, config.num_channels, *hw, generator=g)
+        self.pixel_values = torch.randn(size, config.num_channels, *to_pair(config.image_size), generator=g)
         self.labels = torch.randint(0, config.num_labels, (size,), generator=g)
 
     def __len__(self):

@@ -9,6 +9,7 @@
     hf-vmoe analyze MODEL_DIR --data-dir DIR [--output-dir DIR] [...]  routing heatmaps, specialisation, recommendation
     hf-vmoe convert-vmoe CHECKPOINT_PREFIX --config NAME_OR_FIELDS -o OUT_DIR  a Google vmoe checkpoint -> VMoE folder
     hf-vmoe export MODEL_DIR --format onnx|executorch [--int8 [--calibration-dir DIR]] -o PATH  device export
+    hf-vmoe card (--preset NAME | --model DIR) --repo-id ORG/NAME --out README.md    the model card of a preset or model
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _read_class_names(path):
@@ -41,7 +43,7 @@ def _load_matrix(path):
 
 
 def cmd_presets(args):
-    from .presets import format_preset_table, preset_table
+    from .recipes.presets import format_preset_table, preset_table
 
     overrides = {k: v for k, v in (("num_labels", args.num_labels), ("image_size", args.image_size),
                                    ("patch_size", args.patch_size)) if v is not None}
@@ -53,8 +55,8 @@ def cmd_presets(args):
 
 def cmd_flops(args):
     from .configuration_vmoe import VMoEConfig
-    from .flops import count_flops, format_count
-    from .presets import get_preset
+    from .recipes.flops import count_flops, format_count
+    from .recipes.presets import get_preset
 
     if (args.preset is None) == (args.config is None):
         raise SystemExit("give exactly one of --preset or --config")
@@ -90,7 +92,7 @@ def _imagefolder_dataset(args, processor):
 
 
 def cmd_superclasses(args):
-    from .superclasses import (
+    from .recipes.superclasses import (
         load_superclass_map,
         save_superclasses,
         superclass_groups,
@@ -116,9 +118,9 @@ def cmd_superclasses(args):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from .data_utils import size_dict
+        from .integrations.data import size_dict
         from .image_processing_vmoe import VMoEImageProcessor
-        from .superclasses import model_confusion_matrix
+        from .recipes.superclasses import model_confusion_matrix
 
         model = AutoModelForImageClassification.from_pretrained(args.model)
         try:
@@ -136,6 +138,18 @@ def cmd_superclasses(args):
     for g, members in enumerate(superclass_groups(ids, names)):
         print(f"super-class {g} ({len(members)}): {', '.join(map(str, members))}")
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .configuration_vmoe import VMoEConfig
+    from .integrations.hub import build_model_card, preset_config
+
+    config = preset_config(args.preset) if args.preset else VMoEConfig.from_pretrained(args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build_model_card(config, args.repo_id, trained_on=args.trained_on).save(out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -165,15 +179,23 @@ def build_parser():
                        "per MoE layer, recommended config")
     analyze_arguments(p)
 
-    from .convert_vmoe import add_cli_arguments as convert_vmoe_arguments
+    from .integrations.convert_vmoe import add_cli_arguments as convert_vmoe_arguments
 
     p = sub.add_parser("convert-vmoe", help="convert a Google vmoe (JAX) checkpoint into a VMoE folder")
     convert_vmoe_arguments(p)
 
-    from .export import add_cli_arguments as export_arguments
+    from .integrations.export import add_cli_arguments as export_arguments
 
     p = sub.add_parser("export", help="export a saved model to ONNX or ExecuTorch (.pte), float32 or int8")
     export_arguments(p)
+
+    p = sub.add_parser("card", help="write the model card of a preset or a saved model folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a preset name, e.g. mobile-vmoe-tiny (hf-vmoe presets lists them)")
+    source.add_argument("--model", help="a saved model folder (config.json)")
+    p.add_argument("--repo-id", "--repo_id", required=True)
+    p.add_argument("--out", required=True, help="README.md path to write")
+    p.add_argument("--trained-on", "--trained_on", default=None, help="what the weights were trained on (omit: untrained)")
 
     p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
     actions = p.add_subparsers(dest="action", required=True)
@@ -217,13 +239,15 @@ def main(argv=None) -> int:
             analyze_run(args)
             return 0
         if args.command == "convert-vmoe":
-            from .convert_vmoe import run_cli as convert_vmoe_run
+            from .integrations.convert_vmoe import run_cli as convert_vmoe_run
 
             return convert_vmoe_run(args)
         if args.command == "export":
-            from .export import run_cli as export_run
+            from .integrations.export import run_cli as export_run
 
             return export_run(args)
+        if args.command == "card":
+            return cmd_card(args)
         if args.command == "superclasses":
             if args.action == "from-model" and not (args.validation_dir or args.dataset_name):
                 parser.error("from-model needs --validation-dir or --dataset-name")

@@ -6,7 +6,7 @@ classes, shipped inside the scikit-learn wheel), upsampled to 32x32 RGB by the i
 
 1. dense baseline: a small ViT (`moe_layers="none"`) trained with the Trainer;
 2. super-classes: the dense model's (soft) confusion matrix on the validation split -> balanced partition into
-   one group per expert (`hf_vmoe.superclasses`);
+   one group per expert (`hf_vmoe.recipes.superclasses`);
 3. Mobile V-MoE: the same ViT whose last 2 MLPs are E experts of the dense MLP's width, k=1 expert per image,
    one per-image router shared by both MoE blocks and trained on the super-classes (Mobile V-MoE's recipe: loss +
    0.3 x router cross-entropy, training images routed by their super-class). Active FLOPs per image equal the
@@ -200,12 +200,12 @@ def _run(args, t0) -> dict:
     import torch
     from transformers import AutoModelForImageClassification, pipeline
 
-    from .analysis import collect_routing, plot_heatmap
-    from .callbacks import RouterStatsCallback
-    from .flops import count_flops, format_count, measure_flops
+    from .recipes.analysis import collect_routing, plot_heatmap
+    from .integrations.callbacks import RouterStatsCallback
+    from .recipes.flops import count_flops, format_count, measure_flops
     from .modeling_vmoe import VMoEForImageClassification
-    from .upcycling import init_experts_from_dense
-    from .superclasses import model_confusion_matrix, save_superclasses, superclass_groups, superclasses_from_confusion
+    from .recipes.upcycling import init_experts_from_dense
+    from .recipes.superclasses import model_confusion_matrix, save_superclasses, superclass_groups, superclasses_from_confusion
 
     torch.manual_seed(args.seed)
 

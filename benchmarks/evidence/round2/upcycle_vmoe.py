@@ -6,7 +6,7 @@ Why this helper: the example scripts cannot do two of round 2's conversions yet.
   shared expert (ViMoE, arm B-token-shared) is refused ("the dense model has no weights for ...shared_expert").
 * `run_semantic_segmentation.py --upcycle_from` reads transformers ViT / DeiT / DINOv2 checkpoints, not a dense
   VMoE (model_type "vmoe"), so a segmentation model trained with that script cannot be upcycled by it (arm C).
-The package's `hf_vmoe.upcycling.upcycled_state_dict` does the conversion itself (it reads any model with ViT-style
+The package's `hf_vmoe.recipes.upcycling.upcycled_state_dict` does the conversion itself (it reads any model with ViT-style
 blocks, and a dense VMoE is one); this script calls it, keeps the dense model's trained head (classifier or
 decode head), checks that the function is what it should be, and saves a checkpoint that the scripts continue
 with `--model_name_or_path`.
@@ -41,8 +41,8 @@ import torch
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForImageClassification, VMoEForSemanticSegmentation
-from hf_vmoe.data_utils import parse_config_overrides
-from hf_vmoe.upcycling import upcycle, upcycled_state_dict
+from hf_vmoe.integrations.data import parse_config_overrides
+from hf_vmoe.recipes.upcycling import upcycle, upcycled_state_dict
 
 PROCESSOR_FILES = ("preprocessor_config.json",)
 

@@ -3,7 +3,7 @@
 Same inputs and outputs as the Hub's `evaluate-metric/mean_iou`, with no download:
 
     import evaluate
-    from hf_vmoe.segmentation import mean_iou_metric_path
+    from hf_vmoe.integrations.data import mean_iou_metric_path
     metric = evaluate.load(mean_iou_metric_path())                       # or evaluate.load("<dir>/mean_iou")
     metric.add_batch(predictions=pred_maps, references=label_maps)       # lists / arrays of (H, W) integer maps
     result = metric.compute(num_labels=150, ignore_index=255)

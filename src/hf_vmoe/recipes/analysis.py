@@ -44,8 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .configuration_vmoe import VMoEConfig
-from .modeling_vmoe import VMoEEncoder, VMoERouter
+from ..configuration_vmoe import VMoEConfig, to_pair
+from ..modeling_vmoe import VMoEEncoder, VMoERouter
 
 PATCH_LABELS = ("majority", "nearest")
 DEFAULT_THRESHOLD = 0.2
@@ -277,8 +277,7 @@ def _find_vmoe(model: torch.nn.Module) -> tuple[VMoEConfig, dict[str, list[int]]
         if isinstance(module, VMoERouter):
             match = re.search(r"layer\.(\d+)\.mlp\.router$", name)
             routers[name] = [int(match.group(1))] if match else list(config.moe_layers)
-    patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
-    return config, routers, tuple(patch)
+    return config, routers, to_pair(config.patch_size)
 
 
 def _patch_labels(labels: torch.Tensor, size: tuple[int, int], patch: tuple[int, int], num_classes: int,

@@ -16,9 +16,9 @@ The parameter tree of `vmoe.nn.vit_moe.VisionTransformerMoe` (at the top, or und
 dict of `VMoEForImageClassification`; the architecture is read from the tree's shapes and checked against the
 vmoe model config (a preset named after the released checkpoint, or fields given as JSON), which also gives what the
 tree cannot show (k, capacities, batch-priority routing, group size, losses). What hf_vmoe cannot represent is
-reported: structurally different models (E^3 ensembles, pre-logits, GAP/MAP heads, ...) raise a ValueError; numerics
-that differ at inference (routing groups, capacity rounding, the bfloat16 dispatcher) warn, or raise with
-`strict=True`; training-only differences are listed in the result and in `config.vmoe_reference`.
+reported: structurally different models (E^3 ensembles, MAP heads, ...) raise a ValueError; numerics that would differ
+at inference (with a VMoEConfig lacking a parity option) warn, or raise with `strict=True`; training-only
+differences (expert dropout, router noise samples, ...) are listed in the result and in `config.vmoe_reference`.
 
 The exact spec of what vmoe computes and how each field maps is docs/vmoe-parity-spec.md; usage is
 docs/vmoe-checkpoints.md.
@@ -40,6 +40,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import torch
+
+from ..configuration_vmoe import to_pair
 
 __all__ = [
     "VMOE_PRESETS",
@@ -735,10 +737,6 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _pair(value) -> tuple[int, int]:
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
 def _vmoe_capacity(group_size: int, k: int, num_experts: int, capacity_factor: float, ceil_or_round: str,
                    multiple_of: int | None) -> int:
     """vmoe.moe.compute_capacity on num_tokens = group_size * k."""
@@ -761,7 +759,7 @@ class _Issue:
 
 
 def _config_fields() -> set[str]:
-    from .configuration_vmoe import VMoEConfig
+    from ..configuration_vmoe import VMoEConfig
 
     return {f.name for f in dataclasses.fields(VMoEConfig)} if dataclasses.is_dataclass(VMoEConfig) else set()
 
@@ -772,9 +770,9 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     reference fields kept in `config.vmoe_reference`, and what hf_vmoe does differently (each naming the option
     that would make it exact). Structural differences raise a ValueError.
 
-    Options that hf_vmoe may not have yet (`router_group_size`, `capacity_multiple_of`, `representation_size`,
-    `router_load_loss_coef`, `router_aux_loss_layer_reduction`, `expert_dispatch_dtype`, `use_cls_token`) are set
-    when `VMoEConfig` has the field, and reported as an issue when it does not."""
+    The parity options (`router_group_size` with `router_group_remainder="pad"`, `capacity_multiple_of`,
+    `representation_size`, `router_load_loss_coef`, `router_aux_loss_layer_reduction`, `expert_dispatch_dtype`,
+    `use_cls_token`) are set when `VMoEConfig` has the field, and reported as an issue when it does not."""
     model = _flatten(spec["model"])
     eval_model = _flatten(_deep_update(copy.deepcopy(spec["model"]), spec.get("eval_overrides") or {}))
     fields = _config_fields()
@@ -799,12 +797,12 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     arch = dict(arch or {})
     declared = {
         "hidden_size": model.get("hidden_size"),
-        "patch_size": _pair(model["patch_size"]) if "patch_size" in model else None,
+        "patch_size": to_pair(model["patch_size"]) if "patch_size" in model else None,
         "encoder.num_layers": model.get("encoder.num_layers"),
         "encoder.num_heads": model.get("encoder.num_heads"),
         "encoder.mlp_dim": model.get("encoder.mlp_dim"),
         "num_classes": model.get("num_classes"),
-        "image_size": _pair(spec["image_size"]) if spec.get("image_size") is not None else None,
+        "image_size": to_pair(spec["image_size"]) if spec.get("image_size") is not None else None,
         "classifier": model.get("classifier"),
     }
     if "representation_size" in model:
@@ -856,7 +854,7 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     if structural:
         raise ValueError("this vmoe model cannot be converted to hf_vmoe:\n" + "\n".join(f"  {s}" for s in structural))
 
-    patch, image = _pair(arch["patch_size"]), _pair(arch["image_size"])
+    patch, image = to_pair(arch["patch_size"]), to_pair(arch["image_size"])
     tokens = (image[0] // patch[0]) * (image[1] // patch[1]) + (1 if classifier == "token" else 0)
     kwargs = dict(
         hidden_size=int(arch["hidden_size"]),
@@ -924,6 +922,10 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     if need("router_group_size", "training", f"routing groups of {group_size} tokens: vmoe computes capacity "
             "and the auxiliary losses per group; hf_vmoe over the whole batch"):
         kwargs["router_group_size"] = group_size
+        if "router_group_remainder" in fields:
+            # vmoe's model cannot route a batch that is not whole groups; its evaluator pads the last batch with
+            # all-zero examples, which hf_vmoe reproduces at inference
+            kwargs["router_group_remainder"] = "pad"
     if gshard_w:
         issues.append(_Issue("(none)", "training", f"gshard_loss_weight={gshard_w}: vmoe's GShard loss counts top-1 "
                              "choices only (hf_vmoe's switch loss counts all k); not mapped"))
@@ -1040,8 +1042,8 @@ def convert_vmoe_checkpoint(prefix, config, output_dir, *, strict: bool = False,
 
     Anything that does not fit raises a ValueError naming it, and nothing is written: the folder is assembled in a
     temporary directory beside `output_dir` and moved into place at the end."""
-    from .configuration_vmoe import VMoEConfig
-    from .image_processing_vmoe import VMoEImageProcessor
+    from ..configuration_vmoe import VMoEConfig
+    from ..image_processing_vmoe import VMoEImageProcessor
 
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
@@ -1094,7 +1096,7 @@ def convert_vmoe_checkpoint(prefix, config, output_dir, *, strict: bool = False,
 def _model_with_weights(config, state_dict: Mapping[str, torch.Tensor]):
     """A VMoEForImageClassification holding the converted tensors (built on the meta device, the tensors assigned:
     no second copy). The state dict must have exactly the model's keys and shapes."""
-    from .modeling_vmoe import VMoEForImageClassification
+    from ..modeling_vmoe import VMoEForImageClassification
 
     with torch.device("meta"):
         model = VMoEForImageClassification(config)

@@ -23,8 +23,7 @@ parameters in total (11.05M), and 6,311,080 active per image with k=2 (6.31M; 5.
 
 from __future__ import annotations
 
-from .configuration_vmoe import VMoEConfig
-from .upcycling import init_experts_from_dense  # noqa: F401  (re-exported; it lives with the other upcycling code)
+from ..configuration_vmoe import VMoEConfig
 
 # name -> (layers, width, heads); the order is the table's order
 _SIZES = {
@@ -154,5 +153,5 @@ def format_preset_table(rows: list[dict], markdown: bool = True) -> str:
     return "\n".join([fmt.format(*head)] + [fmt.format(*line) for line in lines])
 
 
-__all__ = ["get_preset", "init_experts_from_dense", "preset_kwargs", "preset_names", "preset_table", "format_preset_table",
+__all__ = ["get_preset", "preset_kwargs", "preset_names", "preset_table", "format_preset_table",
            "MOBILE_VMOE_DEFAULTS"]

@@ -32,7 +32,7 @@ Routing health. After every evaluation the callback checks the evaluation's rout
 * `min_superclass_accuracy` = 0.5: the router sends half the images or more to an expert outside their
   super-class (`eval_router_superclass_accuracy` < 0.5; only with super-classes).
 
-It logs one line per evaluation through the `hf_vmoe.callbacks` logger: INFO "routing health: ok ..." or, when a
+It logs one line per evaluation through the `hf_vmoe.integrations.callbacks` logger: INFO "routing health: ok ..." or, when a
 threshold is crossed, a WARNING naming each problem and the knobs that help: the balancing loss
 (`router_aux_loss_coef`), the super-class loss weight (`superclass_loss_coef`), a learning-rate warm-up
 (`--warmup_ratio` / `--warmup_steps`, so the router does not lock in early) and an expert capacity
@@ -256,7 +256,7 @@ def count_active_flops(trainer) -> None:
     6 x pixels x every parameter, which charges a MoE for all of its experts; it has no model-side hook."""
     from transformers import Trainer
 
-    from .modeling_vmoe import VMoEPreTrainedModel
+    from ..modeling_vmoe import VMoEPreTrainedModel
 
     def floating_point_ops(inputs):
         model = trainer.accelerator.unwrap_model(trainer.model)

@@ -38,8 +38,8 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_vmoe import VMoEConfig
-from .modeling_vmoe import (
+from ..configuration_vmoe import VMoEConfig, to_pair
+from ..modeling_vmoe import (
     VMoEBackbone,
     VMoEForImageClassification,
     VMoEForSemanticSegmentation,
@@ -171,10 +171,6 @@ def _check_supported(dense: nn.Module, drop_distillation_token: bool) -> None:
         raise ValueError(f"unsupported hidden_act={config.hidden_act!r} in the dense model")
 
 
-def _pair(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
-
-
 def vmoe_config_from_dense(
     dense_config, task: str = "classification", image_size: int | tuple[int, int] | None = None, **moe_kwargs
 ) -> VMoEConfig:
@@ -234,10 +230,10 @@ def _position_embeddings(dense_base: nn.Module, config: VMoEConfig, drop_distill
     embeddings = dense_base.embeddings
     pos = embeddings.position_embeddings.detach()
     num_special = 2 if drop_distillation else 1
-    height, width = _pair(config.image_size)
-    patch = _pair(config.patch_size)
+    height, width = to_pair(config.image_size)
+    patch = to_pair(config.patch_size)
     num_patches = (height // patch[0]) * (width // patch[1])
-    dense_grid = _pair(dense_base.config.image_size)
+    dense_grid = to_pair(dense_base.config.image_size)
     same_size = (height, width) == dense_grid and pos.shape[1] - num_special == num_patches
     if not same_size:
         dummy = pos.new_zeros(1, num_special + num_patches, pos.shape[-1])

@@ -1,6 +1,6 @@
 """Model cards and publishing to the Hugging Face Hub.
 
-    from hf_vmoe.hub import build_model_card, publish
+    from hf_vmoe.integrations.hub import build_model_card, publish
     card = build_model_card(model, repo_id="org/mobile-vmoe-tiny", trained_on="ImageNet-1k, 300 epochs",
                             eval_results=[{"dataset": "imagenet-1k", "metric": "accuracy", "value": 0.629}])
     publish(model, processor, "org/mobile-vmoe-tiny", card=card)
@@ -10,15 +10,14 @@ and the card into one folder and uploads it as a single commit. Offline (`HF_HUB
 anything is written, locally or remotely.
 
 The card is built from the config: routing level, experts, k, MoE layers, total and active parameters (and FLOPs
-from `hf_vmoe.flops`), the super-class map, intended use, limitations and the citations of Mobile
+from `hf_vmoe.recipes.flops`), the super-class map, intended use, limitations and the citations of Mobile
 V-MoE (Daxberger et al. 2023) and ViMoE (Han et al. 2024). It says plainly when the weights are untrained.
 
-CLI: `python -m hf_vmoe.hub card --preset mobile-vmoe-tiny --repo-id org/mobile-vmoe-tiny --out model_cards/...`
+From the command line: `hf-vmoe card --preset mobile-vmoe-tiny --repo-id org/mobile-vmoe-tiny --out model_cards/...`
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import tempfile
@@ -29,8 +28,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from .configuration_vmoe import VMoEConfig
-from .flops import count_flops, count_params, format_count
+from ..configuration_vmoe import VMoEConfig
+from ..recipes.flops import count_flops, count_params, format_count
 
 UNTRAINED = "randomly initialised (no trained weights yet)"
 
@@ -53,8 +52,8 @@ CITATIONS = r"""```bibtex
 ```"""
 
 def preset_config(name: str) -> VMoEConfig:
-    """The config of a named preset (`hf_vmoe.presets.get_preset`)."""
-    from .presets import get_preset
+    """The config of a named preset (`hf_vmoe.recipes.presets.get_preset`)."""
+    from ..recipes.presets import get_preset
 
     return get_preset(name)
 
@@ -67,7 +66,7 @@ def preset_config(name: str) -> VMoEConfig:
 def count_parameters(model_or_config) -> dict[str, int]:
     """Total parameters and the parameters active for one input (image routing: per image; token routing: per
     token). Only routed experts are inactive: a MoE block uses k of its E experts. From a model the total is the
-    exact `numel` sum (any head); from a config it is `hf_vmoe.flops.count_params` (the classification model)."""
+    exact `numel` sum (any head); from a config it is `hf_vmoe.recipes.flops.count_params` (the classification model)."""
     if isinstance(model_or_config, VMoEConfig):
         total, active = count_params(model_or_config)
         return {"total": int(total), "active": int(active)}
@@ -78,7 +77,7 @@ def count_parameters(model_or_config) -> dict[str, int]:
 
 
 def _flops(config: VMoEConfig) -> dict:
-    """Per-image FLOPs from `hf_vmoe.flops.count_flops` (2 x MACs, see that module)."""
+    """Per-image FLOPs from `hf_vmoe.recipes.flops.count_flops` (2 x MACs, see that module)."""
     cost = count_flops(config)
     return {"flops": int(cost.flops), "macs": int(cost.macs), "flops_all_experts": int(cost.flops_all_experts)}
 
@@ -178,7 +177,7 @@ def describe_origin(trained_from: str | None, upcycled: bool = False) -> tuple[s
 
 def routing_health_section(health: Mapping | None, num_experts: int, expert_load: Sequence[float] | None = None,
                            routing_level: str = "image") -> str:
-    """Markdown for the card: the routing-health check of `hf_vmoe.callbacks.routing_health` and the expert load,
+    """Markdown for the card: the routing-health check of `hf_vmoe.integrations.callbacks.routing_health` and the expert load,
     all load figures in one unit: percent of the routed items (a balanced expert gets 100 / E %)."""
     unit = "images" if routing_level == "image" else "token assignments"
     balanced = 100.0 / num_experts
@@ -241,7 +240,7 @@ def build_model_card(
     eval_results: `EvalResult`s or dicts {"dataset", "metric", "value"} -> the card's model-index.
     trained_from: with `trained_on`, where the training started from: "scratch" (`SCRATCH`, random initialisation),
     a checkpoint (a local path is named without a link; an `org/name` Hub id is linked and becomes `base_model`); `upcycled`: it was a dense
-    model whose MLP became the experts; None = not stated. routing_health: `hf_vmoe.callbacks.routing_health`'s dict (e.g.
+    model whose MLP became the experts; None = not stated. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
     `RouterStatsCallback.health`); expert_load: each expert's share of the routed items; training: a few
     hyperparameters, {name: value}, listed as they are.
     """
@@ -293,7 +292,7 @@ def build_model_card(
     flops = arch["flops"]
     flops_line = (
         f"{format_count(flops['flops'])} per image at inference ({format_count(flops['macs'])} MACs); "
-        f"{format_count(flops['flops_all_experts'])} if every expert ran (analytic, `hf_vmoe.flops.count_flops`)"
+        f"{format_count(flops['flops_all_experts'])} if every expert ran (analytic, `hf_vmoe.recipes.flops.count_flops`)"
     )
     weights = trained_on or UNTRAINED
     status = (
@@ -435,33 +434,5 @@ def publish(
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m hf_vmoe.hub", description="VMoE model cards")
-    sub = parser.add_subparsers(dest="command", required=True)
-    card = sub.add_parser("card", help="write the model card of a preset or a saved model folder")
-    source = card.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a preset name, e.g. mobile-vmoe-tiny (see hf_vmoe.presets)")
-    source.add_argument("--model", help="a saved model folder (config.json)")
-    card.add_argument("--repo-id", required=True)
-    card.add_argument("--out", required=True, help="README.md path to write")
-    card.add_argument("--trained-on", default=None, help="what the weights were trained on (omit: untrained)")
-    args = parser.parse_args(argv)
-    config = preset_config(args.preset) if args.preset else VMoEConfig.from_pretrained(args.model)
-    model_card = build_model_card(config, args.repo_id, trained_on=args.trained_on)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model_card.save(out)
-    print(f"wrote {out}")
-
-
 __all__ = ["build_model_card", "publish", "count_parameters", "architecture_summary", "superclass_summary",
            "preset_config", "describe_origin", "SCRATCH", "routing_health_section", "CITATIONS"]
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,12 @@
-"""Semantic segmentation helpers: UperNet on a VMoE backbone that keeps the MoE aux loss, ADE20K label names and
-folder loading, and random crop / flip / resize augmentations (numpy + PIL, no torchvision).
+"""Data helpers shared by the example scripts, the CLI and the tools (not part of a checkpoint).
 
-UperNet: transformers' `UperNetForSemanticSegmentation` builds any registered backbone, so
-`UperNetConfig(backbone_config=VMoEConfig(...))` already runs on `VMoEBackbone`; but its loss is only the pixel
-cross-entropy, and the routing aux loss the backbone returns is dropped, so the routers get no balancing signal.
-:class:`VMoEUperNetForSemanticSegmentation` is a thin subclass (same weights, same config, same checkpoint layout)
-whose `loss` adds the backbone's `aux_loss`; a checkpoint saved from it also loads into the stock class.
+- :func:`parse_config_overrides`: the `--config_overrides "a=1,b=last:2"` syntax of both Trainer scripts;
+- :func:`parse_moe_layers_arg`: a `--moe_layers` command-line value, `"9,11"` or `"last:2"`;
+- :func:`size_dict`: an image size (int or (height, width)) as an image processor's `size`;
+- :func:`metric_path`: the offline `evaluate` modules shipped in `hf_vmoe/metrics/` (`evaluate.load(metric_path(
+  "accuracy"))`), so no metric is ever downloaded;
+- segmentation data: ADE20K label names and folder loading (:func:`load_ade_folder`, :func:`read_id2label`) and
+  :class:`SegmentationTransform`, random crop / flip / resize augmentations in numpy + PIL (no torchvision).
 
 ADE20K conventions: annotation PNGs hold 0 = "other" (ignored) and 1..150 = classes; `reduce_labels` maps
 0 -> 255 (ignore) and k -> k - 1, so the model predicts 150 classes 0..149 whose names are in
@@ -24,113 +25,75 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
-from transformers import UperNetConfig, UperNetForSemanticSegmentation
-from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .configuration_vmoe import VMoEConfig
-from .modeling_vmoe import ROUTING_FIELDS, VMoEBackbone
-from .data_utils import metric_path
+from ..configuration_vmoe import to_pair
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# UperNet on a VMoE backbone, keeping the aux loss
-# --------------------------------------------------------------------------------------------------------------
+METRICS = ("accuracy", "mean_iou")
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
-@dataclass
-class VMoEUperNetOutput(SemanticSegmenterOutput):
-    """`SemanticSegmenterOutput` plus the backbone's routing fields (`aux_loss` is already included in `loss`)."""
-
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
-    aux_loss: torch.FloatTensor | None = None
-    superclass_loss: torch.FloatTensor | None = None
-    superclass_accuracy: torch.FloatTensor | None = None
-    expert_counts: torch.LongTensor | None = None
-
-
-class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
-    """`UperNetForSemanticSegmentation` whose loss also includes the MoE backbone's routing aux loss.
-
-    Use with `UperNetConfig(backbone_config=VMoEConfig(..., out_indices=[...]))` (see :func:`vmoe_upernet_config`).
-    `loss` = decode-head cross-entropy + `auxiliary_loss_weight` * auxiliary-head cross-entropy (both ignoring
-    `config.loss_ignore_index`) + backbone `aux_loss`. With a non-MoE backbone it behaves exactly like the stock class.
-    """
-
-    accepts_loss_kwargs = False
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ):
-        if labels is not None and self.config.num_labels == 1:
-            raise ValueError(
-                f"The number of labels should be greater than one, got num_labels={self.config.num_labels}"
-            )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        backbone_kwargs = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        if isinstance(self.backbone, VMoEBackbone):  # the aux loss whenever there is a loss; router logits if asked
-            backbone_kwargs.update(compute_routing_loss=True if labels is not None else None,
-                                   output_router_logits=kwargs.get("output_router_logits"))
-        outputs = self.backbone.forward_with_filtered_kwargs(pixel_values, **backbone_kwargs)
-        features = outputs.feature_maps
-        size = pixel_values.shape[2:]
-        logits = nn.functional.interpolate(self.decode_head(features), size=size, mode="bilinear", align_corners=False)
-        auxiliary_logits = None
-        if self.auxiliary_head is not None:
-            auxiliary_logits = nn.functional.interpolate(
-                self.auxiliary_head(features), size=size, mode="bilinear", align_corners=False
-            )
-        aux_loss = getattr(outputs, "aux_loss", None)
-        loss = None
-        if labels is not None:
-            loss_fct = nn.CrossEntropyLoss(ignore_index=self.config.loss_ignore_index)
-            loss = loss_fct(logits, labels)
-            if auxiliary_logits is not None:
-                loss = loss + self.config.auxiliary_loss_weight * loss_fct(auxiliary_logits, labels)
-            if aux_loss is not None:
-                loss = loss + aux_loss.to(loss.dtype)
-        output = VMoEUperNetOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{name: getattr(outputs, name, None) for name in ROUTING_FIELDS},
-        )
-        return output if return_dict else output.to_tuple()
+def _parse_value(key: str, value: str):
+    try:
+        return json.loads(value)  # numbers, true / false / null, quoted strings, lists without commas
+    except json.JSONDecodeError:
+        pass
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    word = value.lower()
+    if word in _WORDS and not (key == "moe_layers" and word == "none"):
+        return _WORDS[word]
+    return value
 
 
-def vmoe_upernet_config(
-    backbone_config: VMoEConfig,
-    out_indices: list[int] | tuple[int, ...] | None = None,
-    hidden_size: int = 512,
-    **kwargs,
-) -> UperNetConfig:
-    """UperNet config on a VMoE backbone. `out_indices` (default: four evenly spaced blocks ending with the last,
-    e.g. 3, 6, 9, 12 of 12) are the blocks whose outputs feed the decode head; `kwargs` go to `UperNetConfig`
-    (`num_labels`/`id2label`, `use_auxiliary_head`, `auxiliary_in_channels`, `pool_scales`, ...)."""
-    config = VMoEConfig(**backbone_config.to_dict())
-    n = config.num_hidden_layers
-    if out_indices is None:
-        step = max(1, n // 4)
-        out_indices = sorted({min(n, step * i) for i in range(1, 5)} | {n})[-4:]
-    config.set_output_features_output_indices(out_indices=list(out_indices), out_features=None)
-    kwargs.setdefault("auxiliary_in_channels", config.hidden_size)
-    return UperNetConfig(backbone_config=config, hidden_size=hidden_size, **kwargs)
+def parse_config_overrides(text: str | None) -> dict:
+    """`"num_experts=4,moe_layers=last:2,drop_path_rate=0.1,qkv_bias=false"` -> `{"num_experts": 4, "moe_layers":
+    "last:2", "drop_path_rate": 0.1, "qkv_bias": False}`.
+
+    Values are read as JSON (numbers, `true`/`false`/`null`), then `True`/`False`/`None` in any case, else kept as
+    strings. `moe_layers=none` stays the string `"none"` (no MoE block): `moe_layers=None` would mean the default
+    (the last two blocks)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config override {item!r} is not key=value (in {text!r})")
+        key = key.strip()
+        out[key] = _parse_value(key, value.strip())
+    return out
+
+
+def parse_moe_layers_arg(spec: str) -> tuple[int, ...] | str:
+    """A `--moe_layers` value: comma-separated block indices (`"9,11"`, `"-1"`) become a tuple of ints; anything
+    else (`"last:2"`, `"every:2"`, `"all"`, `"none"`) is passed on for `VMoEConfig` to resolve and validate."""
+    if spec[:1].isdigit() or spec[:1] == "-":
+        try:
+            return tuple(int(i) for i in spec.split(","))
+        except ValueError:
+            raise ValueError(f"moe_layers={spec!r} is not a comma-separated list of block indices") from None
+    return spec
+
+
+def size_dict(image_size) -> dict[str, int]:
+    """`224` or `(224, 160)` (a config's `image_size`) -> `{"height": ..., "width": ...}` for an image processor."""
+    height, width = to_pair(image_size)
+    return {"height": int(height), "width": int(width)}
+
+
+def metric_path(name: str) -> str:
+    """Directory of an offline `evaluate` module shipped with the package (`"accuracy"` or `"mean_iou"`), for
+    `evaluate.load(metric_path(name))`."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; the package ships {METRICS}")
+    return str(resources.files("hf_vmoe").joinpath("metrics", name))
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,13 +191,6 @@ def load_ade_folder(directory: str | os.PathLike, split: str):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _size(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    height, width = value
-    return int(height), int(width)
-
-
 @dataclass
 class SegmentationTransform:
     """Image + label map -> (`pixel_values` float32 (3, H, W), `labels` int64 (H, W)).
@@ -270,7 +226,7 @@ class SegmentationTransform:
         if self.reduce_labels:
             label = reduce_ade_labels(label)
         label = Image.fromarray(label.astype(np.uint8))
-        height, width = _size(self.size)
+        height, width = map(int, to_pair(self.size))
         if self.train:
             scale = rng.uniform(*self.scale_range)
             # resize so the image covers `scale` x the crop size along its shorter side (aspect ratio kept)
@@ -297,9 +253,15 @@ class SegmentationTransform:
 
 
 __all__ = [
-    "VMoEUperNetForSemanticSegmentation",
-    "VMoEUperNetOutput",
-    "vmoe_upernet_config",
+    "parse_config_overrides",
+    "parse_moe_layers_arg",
+    "size_dict",
+    "metric_path",
+    "METRICS",
+    "IMAGE_EXTENSIONS",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "ade20k_id2label",
     "mean_iou_metric_path",
     "read_id2label",

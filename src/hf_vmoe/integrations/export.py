@@ -1,6 +1,6 @@
 """Device export: ONNX (onnxruntime) and ExecuTorch (XNNPACK delegate, `.pte`), in float32 or int8.
 
-    from hf_vmoe.export import export_onnx, OnnxVMoE, export_executorch, ExecuTorchVMoE
+    from hf_vmoe.integrations.export import export_onnx, OnnxVMoE, export_executorch, ExecuTorchVMoE
     export_onnx(model, "vmoe.onnx")                    # dynamic batch; batch_size=1 + dynamic_batch=False for a fixed one
     logits = OnnxVMoE("vmoe.onnx")(pixel_values)       # numpy in, numpy out (onnxruntime, CPU)
     export_executorch(model, "vmoe.pte")               # batch 1 (the example's shape), XNNPACK
@@ -56,6 +56,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..configuration_vmoe import to_pair
+
 OPSET_VERSION = 18
 INPUT_NAME = "pixel_values"
 QUANTIZE_CHOICES = (None, "int8")
@@ -77,10 +79,6 @@ TOKEN_ROUTING_EXECUTORCH = (
 # --------------------------------------------------------------------------------------------------------------
 # Checks shared by both exporters
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 def _is_moe(model) -> bool:
@@ -116,7 +114,7 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def _expected_shape(model) -> tuple[int, int, int]:
-    return (model.config.num_channels, *_pair(model.config.image_size))
+    return (model.config.num_channels, *to_pair(model.config.image_size))
 
 
 def _check_images(model, images, what: str) -> torch.Tensor:
@@ -701,7 +699,7 @@ def run_cli(args) -> int:
     """`hf-vmoe export`: load, export (verified against PyTorch), print what was written."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from . import VMoEConfig  # noqa: F401  (registers the Auto classes)
+    from .. import VMoEConfig  # noqa: F401  (registers the Auto classes)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .configuration_vmoe import VMoEConfig, to_pair
-from .modeling_vmoe import flop_breakdown
+from ..configuration_vmoe import VMoEConfig, to_pair
+from ..modeling_vmoe import flop_breakdown
 
 
 @dataclass
@@ -59,7 +59,8 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
     e, k = config.num_experts, config.num_experts_per_tok
     ie = config.expert_intermediate_size
 
-    embed = h + (num_patches + 1) * h + c * ph * pw * h + h  # cls, position, conv weight + bias
+    cls = 1 if getattr(config, "use_cls_token", True) else 0
+    embed = cls * h + (num_patches + cls) * h + c * ph * pw * h + h  # cls, position, conv weight + bias
     attention = 4 * h * h + (3 * h if config.qkv_bias else 0) + h
     norms = 4 * h
     scale = 2 * h if config.layerscale_value is not None else 0
@@ -88,8 +89,13 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
         active += e * h
     if head == "classification" and config.num_labels > 0:
         in_features = h * (2 if config.pooling == "cls_mean" else 1)
-        total += in_features * config.num_labels + config.num_labels
-        active += in_features * config.num_labels + config.num_labels
+        head_params = 0
+        if getattr(config, "representation_size", None):  # pre-logits: Dense(R) + tanh
+            head_params = in_features * config.representation_size + config.representation_size
+            in_features = config.representation_size
+        head_params += in_features * config.num_labels + config.num_labels
+        total += head_params
+        active += head_params
     return total, active
 
 
