@@ -25,6 +25,9 @@ CONFIGS = {
     "expert_choice_batch_group_multiple_of_4": dict(routing_level="token", router_type="expert_choice",
                                                     capacity_multiple_of=4),
     "soft_two_slots": dict(routing_level="token", router_type="soft", num_slots=2, moe_layers="every:2"),
+    # 5 images x 17 tokens = 85 routed tokens: 4 groups of 20 and a last one of 5 with its own capacity
+    "expert_choice_partial_last_group": dict(routing_level="token", router_type="expert_choice", router_group_size=20,
+                                             router_group_remainder="partial"),
     "vmoe_gap_pre_logits": dict(routing_level="token", use_cls_token=False, pooling="mean", representation_size=24),
 }
 ALL_EXPERTS_ACTIVE = ("expert_choice", "soft")  # every expert computes part of every image
@@ -63,12 +66,24 @@ def test_flops_match_flop_counter(name):
     model = VMoEForImageClassification(config)
     batch = torch.randn(5, 3, 32, 32)
     expected = count_flops(config, batch_size=5).flops * 5
-    if config.router_type == "expert_choice" and config.router_group_size is None:
-        # capacity is shared by the batch's 85 tokens: the per-image figure is a fraction (rounded in ModelCost)
+    if config.router_type == "expert_choice" and (config.router_group_size is None
+                                                  or config.router_group_remainder == "partial"):
+        # capacity is shared by the batch's (or the last group's) tokens: the per-image figure is a fraction
+        # (rounded in ModelCost)
         assert brute_force_flops(model, batch) == pytest.approx(expected, abs=5)
         return
     assert expected == brute_force_flops(model, batch)
     assert measure_flops(model, batch) == count_flops(config, batch_size=5).flops
+
+
+@pytest.mark.xfail(strict=True, reason="count_flops counts the padding's expert rows but not the padding images' "
+                   "attention and dense layers (router_group_remainder='pad' runs 20 images for 5 here)")
+def test_padded_routing_groups_flops_match_flop_counter():
+    config = tiny_config(routing_level="token", router_type="expert_choice", router_group_size=20,
+                         router_group_remainder="pad")
+    model = VMoEForImageClassification(config).eval()
+    batch = torch.randn(5, 3, 32, 32)
+    assert brute_force_flops(model, batch) == pytest.approx(count_flops(config, batch_size=5).flops * 5, abs=5)
 
 
 def test_image_routing_costs_the_dense_twin_plus_the_router():

@@ -950,7 +950,7 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         tokens = batch_size * t
         group = config.router_group_size or tokens
         if tokens % group and config.router_group_remainder == "pad":  # whole groups of real and padding images
-            tokens = (batch_size - batch_size % -(group // math.gcd(group, t))) * t
+            tokens = (batch_size + -batch_size % (group // math.gcd(group, t))) * t  # as `_group_padding`
         full, rest = divmod(tokens, group)
         parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
         rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, e,
