@@ -66,8 +66,8 @@ def main(argv=None):
     parser.add_argument("--reps32", type=int, default=None, help="rounds at batch 32")
     parser.add_argument("--reps1", type=int, default=None, help="rounds at batch 1")
     args = parser.parse_args(argv)
-    reps32 = args.reps32 or (2 if args.quick else 10)
-    reps1 = args.reps1 or (5 if args.quick else 40)
+    reps32 = args.reps32 or (2 if args.quick else 30)
+    reps1 = args.reps1 or (5 if args.quick else 150)
 
     info = machine_info()
     peak = matmul_peak()["gflops"]

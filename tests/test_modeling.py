@@ -288,6 +288,21 @@ def test_eval_is_batch_invariant(routing, num_shared):
     torch.testing.assert_close(model(x).logits, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_single_image_path_equals_sorted_dispatch(top_k, monkeypatch):
+    """One image skips the sort / gather / scatter of the experts' eager loop and gives the same output (the
+    experts summed in ascending id order, as the loop does); it never builds per-expert counts."""
+    experts = VMoEForImageClassification(tiny_config(num_experts=4, num_experts_per_tok=top_k)).vmoe.encoder.layer[
+        -1].mlp.experts
+    hidden = torch.randn(1, 17, experts.hidden_dim)
+    index = torch.tensor([[3, 0, 2][:top_k]])  # slot order != expert order
+    weights = torch.tensor([[0.5, 0.3, 0.2][:top_k]])
+    reference = experts(hidden.reshape(-1, experts.hidden_dim), index.repeat_interleave(17, 0),
+                        weights.repeat_interleave(17, 0)).view(1, 17, -1)
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("the single-image path counted experts"))
+    torch.testing.assert_close(experts.forward_images(hidden, index, weights), reference, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
 def test_eval_is_deterministic_and_noise_free(routing):
     level, shared_router = routing

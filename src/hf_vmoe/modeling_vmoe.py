@@ -848,12 +848,29 @@ class VMoEExperts(nn.Module):
         to the image's experts. Through the experts interface, one row per token; with the `eager` backend under
         tracing / torch.compile / torch.export (static shapes) each image gathers its experts' weights instead."""
         batch_size, seq_len, hidden_dim = hidden_states.shape
-        if self.implementation == "eager" and _static_shapes():
-            return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        if self.implementation == "eager":
+            if _static_shapes():  # before any test of the batch size, which would specialise an exported batch dim
+                return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+            if batch_size == 1:
+                return self._forward_one_image(hidden_states, top_k_index, top_k_weights)
         rows = hidden_states.reshape(-1, hidden_dim)  # (B * S, H)
         index = top_k_index.repeat_interleave(seq_len, dim=0)  # (B * S, k)
         weights = top_k_weights.repeat_interleave(seq_len, dim=0)
         return self(rows, index, weights).view(batch_size, seq_len, hidden_dim)
+
+    def _forward_one_image(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """One image (the on-device workload): its experts run on its tokens as they are, no sort, gather or scatter.
+        On CPU the expert ids are read on the host (there is no device to wait for) and the experts' weights are
+        used in place; on an accelerator the image gathers its experts' weights instead, so nothing waits for the
+        device. Outputs are summed in ascending expert order, as in `forward`."""
+        if hidden_states.device.type != "cpu":
+            return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        weights = top_k_weights[0].to(hidden_states.dtype)  # (k,)
+        out = None
+        for expert_idx, slot in sorted((e, s) for s, e in enumerate(top_k_index[0].tolist())):
+            current = self.expert_forward(expert_idx, hidden_states[0]).mul_(weights[slot])  # (S, H)
+            out = current if out is None else out + current
+        return out.unsqueeze(0)
 
     def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
         """Static-shape image routing: one `baddbmm` pair per slot on each image's gathered expert weights."""
@@ -909,9 +926,9 @@ class VMoELayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VMoESparseMoeBlock(config) if self.is_moe else VMoEMLP(config)
         use_scale = config.layerscale_value is not None
-        self.layer_scale1 = VMoELayerScale(config) if use_scale else nn.Identity()
-        self.layer_scale2 = VMoELayerScale(config) if use_scale else nn.Identity()
-        self.drop_path = VMoEDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else nn.Identity()
+        self.layer_scale1 = VMoELayerScale(config) if use_scale else None
+        self.layer_scale2 = VMoELayerScale(config) if use_scale else None
+        self.drop_path = VMoEDropPath(config.drop_path_rate) if config.drop_path_rate > 0 else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -921,10 +938,17 @@ class VMoELayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attn_output)))
+        hidden_states = hidden_states + self.residual_branch(attn_output, self.layer_scale1)
         normed = self.layernorm_after(hidden_states)
         mlp_output = self.mlp(normed, routing) if self.is_moe else self.mlp(normed)
-        return hidden_states + self.drop_path(self.layer_scale2(self.dropout(mlp_output)))
+        return hidden_states + self.residual_branch(mlp_output, self.layer_scale2)
+
+    def residual_branch(self, output: torch.Tensor, layer_scale: VMoELayerScale | None) -> torch.Tensor:
+        """Dropout, layer scale and stochastic depth of a branch (the absent ones are skipped, not called)."""
+        output = self.dropout(output)
+        if layer_scale is not None:
+            output = layer_scale(output)
+        return output if self.drop_path is None else self.drop_path(output)
 
 
 # --------------------------------------------------------------------------------------------------------------
