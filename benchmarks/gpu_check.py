@@ -27,6 +27,42 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
+def correctness(moe, device) -> dict:
+    """float32 on the GPU against float32 on the CPU (logits and experts), batch invariance on the GPU, and the
+    single-image path free of host synchronisation (`torch.cuda.set_sync_debug_mode("error")` around one MoE block)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 224, 224, generator=gen)
+    with torch.inference_mode():
+        cpu = moe(pixel_values=x, output_router_logits=True)
+        gpu_model = moe.to(device)
+        gpu = gpu_model(pixel_values=x.to(device), output_router_logits=True)
+        singles = torch.cat([gpu_model(pixel_values=x[i:i + 1].to(device)).logits for i in range(len(x))])
+        block = gpu_model.vmoe.encoder.layer[gpu_model.config.moe_layers[-1]].mlp
+        hidden = torch.randn(1, 197, 192, device=device)
+        _, plan = gpu_model.vmoe.encoder.router(hidden)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            block(hidden, plan)
+            sync_free = True
+        except RuntimeError as err:
+            sync_free = f"synchronised: {err}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    moe.to("cpu")
+    out = {
+        "max_abs_logit_diff_gpu_vs_cpu_fp32": float((gpu.logits.cpu() - cpu.logits).abs().max()),
+        "experts_agree_gpu_vs_cpu": bool(torch.equal(gpu.router_logits[0].argmax(-1).cpu(),
+                                                     cpu.router_logits[0].argmax(-1))),
+        "max_abs_logit_diff_batch1_vs_batch8_gpu": float((singles - gpu.logits).abs().max()),
+        "single_image_moe_block_without_host_sync": sync_free,
+    }
+    print("correctness:", json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 256])
@@ -60,6 +96,7 @@ def main(argv=None) -> int:
     dense = ViTForImageClassification(ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                                                 intermediate_size=768, num_labels=1000, image_size=224,
                                                 patch_size=16)).eval()
+    checks = correctness(moe, device)
     variants = {"eager": {"mobile_vmoe_tiny": moe.to(device, dtype), "vit_tiny": dense.to(device, dtype)}}
     if args.compile:
         variants["compiled"] = {name: torch.compile(m) for name, m in variants["eager"].items()}
@@ -103,7 +140,7 @@ def main(argv=None) -> int:
     data = {
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "dtype": "bfloat16", "rounds": args.rounds, "python": platform.python_version(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "results": results,
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "correctness": checks, "results": results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,14 +76,19 @@ def test_flops_match_flop_counter(name):
     assert measure_flops(model, batch) == count_flops(config, batch_size=5).flops
 
 
-@pytest.mark.xfail(strict=True, reason="count_flops counts the padding's expert rows but not the padding images' "
-                   "attention and dense layers (router_group_remainder='pad' runs 20 images for 5 here)")
-def test_padded_routing_groups_flops_match_flop_counter():
-    config = tiny_config(routing_level="token", router_type="expert_choice", router_group_size=20,
-                         router_group_remainder="pad")
+@pytest.mark.parametrize("router", [dict(router_type="expert_choice"), dict(eval_capacity_factor=4.0),
+                                    dict(eval_capacity_factor=None)], ids=["expert_choice", "top_k_capacity", "dropless"])
+def test_padded_routing_groups_flops_match_flop_counter(router):
+    """router_group_remainder='pad' runs 20 images for 5 here (17 tokens an image, groups of 20 tokens): the padding's
+    blocks are counted, its classifier not. Dropless top-k needs no padding at inference, and gets none. (Top-k's
+    capacity here, 4 x 20 / 4 experts = 20, drops nothing: count_flops counts every assignment.)"""
+    config = tiny_config(routing_level="token", router_group_size=20, router_group_remainder="pad", **router)
     model = VMoEForImageClassification(config).eval()
     batch = torch.randn(5, 3, 32, 32)
-    assert brute_force_flops(model, batch) == pytest.approx(count_flops(config, batch_size=5).flops * 5, abs=5)
+    flops = count_flops(config, batch_size=5).flops
+    assert brute_force_flops(model, batch) == pytest.approx(flops * 5, abs=5)
+    unpadded = count_flops(config.__class__(**{**config.to_dict(), "router_group_remainder": "partial"}), batch_size=5)
+    assert (flops > 3 * unpadded.flops) == (router.get("eval_capacity_factor", 1.0) is not None)
 
 
 def test_image_routing_costs_the_dense_twin_plus_the_router():

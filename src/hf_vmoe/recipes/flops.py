@@ -107,7 +107,7 @@ def count_flops(config: VMoEConfig, head: str = "classification", image_size=Non
     flops = sum(b.values())
     ih, iw = to_pair(image_size if image_size is not None else config.image_size)
     ph, pw = to_pair(config.patch_size)
-    t = (ih // ph) * (iw // pw) + 1
+    t = (ih // ph) * (iw // pw) + (1 if config.use_cls_token else 0)
     expert = 2 * 2 * t * config.hidden_size * config.expert_intermediate_size  # one expert on every token
     all_experts = config.num_experts * expert * len(config.moe_layers) - b["experts"]
     total, active = count_params(config, head)
