@@ -194,7 +194,7 @@ def test_no_routing_runs_every_expert_on_every_input(routing, k, monkeypatch):
     original = VMoEExperts.expert_forward
 
     def counting(self, expert_idx, hidden_states, *args):
-        calls.append((id(self), int(expert_idx), hidden_states.shape[0]))
+        calls.append((id(self), int(expert_idx), hidden_states.numel() // hidden_states.shape[-1]))  # rows
         return original(self, expert_idx, hidden_states, *args)
 
     monkeypatch.setattr(VMoEExperts, "expert_forward", counting)
@@ -298,9 +298,21 @@ def test_single_image_path_equals_sorted_dispatch(top_k, monkeypatch):
     index = torch.tensor([[3, 0, 2][:top_k]])  # slot order != expert order
     weights = torch.tensor([[0.5, 0.3, 0.2][:top_k]])
     reference = experts(hidden.reshape(-1, experts.hidden_dim), index.repeat_interleave(17, 0),
-                        weights.repeat_interleave(17, 0)).view(1, 17, -1)
+                        weights.repeat_interleave(17, 0)).view(1, 17, -1).detach()
     monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("the single-image path counted experts"))
     torch.testing.assert_close(experts.forward_images(hidden, index, weights), reference, rtol=0, atol=1e-6)
+    # with gradients (a training step on one image), the routing weights and the input still get theirs
+    weights.requires_grad_(True)
+    hidden.requires_grad_(True)
+    (experts.forward_images(hidden, index, weights) * reference).sum().backward()
+    grads = weights.grad.clone(), hidden.grad.clone()
+    weights.grad = hidden.grad = None
+    monkeypatch.undo()
+    rows = experts(hidden.reshape(-1, experts.hidden_dim), index.repeat_interleave(17, 0),
+                   weights.repeat_interleave(17, 0)).view(1, 17, -1)
+    (rows * reference).sum().backward()
+    torch.testing.assert_close(grads[0], weights.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], hidden.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)

@@ -559,8 +559,14 @@ class VMoERouter(nn.Module):
                                                dtype=torch.float32))
 
     def compute_logits(self, items: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=items.device.type, enabled=False):  # float32 even under autocast
-            return F.linear(items.float(), self.weight.float())
+        """float32 logits, also under autocast. (Each call and cast skipped when it would do nothing: at batch 1 an
+        inference forward is a chain of small ops, each costing 10-20 us on a CPU.)"""
+        items = items if items.dtype == torch.float32 else items.float()
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        if torch.is_autocast_enabled(items.device.type):
+            with torch.autocast(device_type=items.device.type, enabled=False):
+                return F.linear(items, weight)
+        return F.linear(items, weight)
 
     def add_noise(self, logits: torch.Tensor) -> torch.Tensor:
         """Gaussian noise of std `router_noise_std`, in training only."""
@@ -865,12 +871,17 @@ class VMoEExperts(nn.Module):
         device. Outputs are summed in ascending expert order, as in `forward`."""
         if hidden_states.device.type != "cpu":
             return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
-        weights = top_k_weights[0].to(hidden_states.dtype)  # (k,)
+        experts = top_k_index.tolist()[0]  # (k,) on the host
+        if torch.is_grad_enabled() and top_k_weights.requires_grad:  # training: the weights carry the router's gradient
+            weights = top_k_weights[0].to(hidden_states.dtype).unbind(0)
+        else:  # inference: plain numbers, no tensor ops (the same float32 values)
+            weights = top_k_weights.tolist()[0]
         out = None
-        for expert_idx, slot in sorted((e, s) for s, e in enumerate(top_k_index[0].tolist())):
-            current = self.expert_forward(expert_idx, hidden_states[0]).mul_(weights[slot])  # (S, H)
+        for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
+            current = self.expert_forward(expert_idx, hidden_states)  # (1, S, H)
+            current = current * weights[slot] if isinstance(weights[slot], torch.Tensor) else current.mul_(weights[slot])
             out = current if out is None else out + current
-        return out.unsqueeze(0)
+        return out
 
     def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
         """Static-shape image routing: one `baddbmm` pair per slot on each image's gathered expert weights."""
