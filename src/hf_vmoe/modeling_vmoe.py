@@ -517,6 +517,20 @@ def routing_groups(num_items: int, config: VMoEConfig) -> tuple[int, int, int]:
     return groups, size, rest
 
 
+def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, record: bool = False) -> int:
+    """Images of padding for `router_group_remainder="pad"` at inference: the fewest all-zero images that make the
+    batch's tokens fill whole routing groups (0 when they do, and when routing groups cannot change the outputs:
+    dropless top-k without routing losses (`record`), Soft MoE)."""
+    size = config.router_group_size
+    if size is None or config.router_group_remainder != "pad" or not config.is_moe or config.router_type == "soft":
+        return 0
+    if config.router_type == "top_k" and config.eval_capacity_factor is None and not record:
+        return 0
+    if (batch_size * tokens_per_image) % size == 0:
+        return 0
+    return -batch_size % (size // math.gcd(size, tokens_per_image))  # whole groups every size / gcd(size, t) images
+
+
 def group_parts(tensor: torch.Tensor, groups: tuple[int, int, int]) -> list[torch.Tensor]:
     """`(N, ...)` -> the routing groups as `(G, n, ...)` and, for a last partial group, `(1, r, ...)`."""
     full, size, rest = groups
@@ -872,14 +886,13 @@ class VMoEExperts(nn.Module):
         if hidden_states.device.type != "cpu":
             return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         experts = top_k_index.tolist()[0]  # (k,) on the host
-        if torch.is_grad_enabled() and top_k_weights.requires_grad:  # training: the weights carry the router's gradient
-            weights = top_k_weights[0].to(hidden_states.dtype).unbind(0)
-        else:  # inference: plain numbers, no tensor ops (the same float32 values)
-            weights = top_k_weights.tolist()[0]
+        # training: the weights carry the router's gradient; inference: plain numbers (the same float32 values)
+        grad = torch.is_grad_enabled() and top_k_weights.requires_grad
+        weights = top_k_weights[0].to(hidden_states.dtype).unbind(0) if grad else top_k_weights.tolist()[0]
         out = None
         for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
             current = self.expert_forward(expert_idx, hidden_states)  # (1, S, H)
-            current = current * weights[slot] if isinstance(weights[slot], torch.Tensor) else current.mul_(weights[slot])
+            current = current * weights[slot] if grad else current.mul_(weights[slot])
             out = current if out is None else out + current
         return out
 
@@ -987,15 +1000,10 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
          "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
     per_row = 2 * 2 * h * ie  # one expert on one row
-    size = config.router_group_size
-    pads = (config.is_moe and size is not None and config.router_group_remainder == "pad"
-            and config.router_type != "soft" and not (config.router_type == "top_k" and config.eval_capacity_factor is None))
-    padded = batch_size  # images the blocks run: the real ones and, as `_group_padding`, all-zero ones filling groups
-    if pads and (batch_size * t) % size:
-        padded = batch_size + -batch_size % (size // math.gcd(size, t))
+    padded = batch_size + group_padding(config, batch_size, t)  # images the blocks run, real and padding
     if config.router_type == "expert_choice":
         tokens = padded * t
-        group = size or tokens
+        group = config.router_group_size or tokens
         full, rest = divmod(tokens, group)
         parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
         rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, e,
@@ -1265,22 +1273,13 @@ class VMoEPreTrainedModel(PreTrainedModel):
         return encoded, routing
 
     def _group_padding(self, pixel_values: torch.Tensor, record: bool) -> int:
-        """Images of padding for `router_group_remainder="pad"`: at inference, the fewest all-zero images that make
-        the batch's tokens fill whole routing groups (0 when they do, in training, and when routing groups cannot
-        change the outputs: dropless top-k without routing losses, Soft MoE)."""
-        config = self.config
-        size = config.router_group_size
-        if size is None or config.router_group_remainder != "pad" or self.training or not config.is_moe:
+        """`group_padding` for this batch (none in training; the common case returns before any arithmetic)."""
+        if self.training or self.config.router_group_size is None:
             return 0
-        if config.router_type == "soft" or (config.router_type == "top_k" and config.eval_capacity_factor is None
-                                            and not record):
-            return 0
-        patch = to_pair(config.patch_size)
+        patch = to_pair(self.config.patch_size)
         batch, _, height, width = pixel_values.shape
         tokens = (height // patch[0]) * (width // patch[1]) + self.embeddings.num_prefix_tokens
-        if (batch * tokens) % size == 0:
-            return 0
-        return -batch % (size // math.gcd(size, tokens))  # whole groups every size / gcd(size, tokens) images
+        return group_padding(self.config, batch, tokens, record)
 
 
 class VMoEEncoder(VMoEPreTrainedModel):
