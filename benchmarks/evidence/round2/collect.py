@@ -14,7 +14,8 @@ for a learned router, its agreement with the same seed's confusion super-classes
 * plots: validation curves per group, the paired differences, the scouting run's training-accuracy curve.
 
     python benchmarks/evidence/round2/collect.py [--evd2 /tmp/evd2] [--out benchmarks/evidence/round2]
-        [--groups A,B,C] [--skip_routing] [--skip_reload]
+        [--groups A,B,C] [--skip_routing] [--skip_reload] [--merge]
+    # new seeds on a machine without the earlier run folders: --merge keeps what --out already holds
     # test on the timing probes:  --groups probe --out /tmp/evd2/collect_probe
 """
 
@@ -133,13 +134,25 @@ def measure_classifier(r1, run_dir: Path, superclasses_file: Path | None) -> dic
     return {"val": val, **cost}
 
 
-def collect(args) -> dict:
-    r1 = None if args.skip_reload else _round1()
+def merged_log(previous_log: dict | None) -> dict:
+    """$EVD2/runs_log.json, after the records of an earlier collection (--merge) that it does not hold."""
     log = json.loads(rr.LOG.read_text()) if rr.LOG.is_file() else {"runs": []}
+    if previous_log:
+        seen = {(r["name"], r.get("start")) for r in log["runs"]}
+        log = {**log, "runs": [r for r in previous_log.get("runs", []) if (r["name"], r.get("start")) not in seen]
+               + log["runs"]}
+    return log
+
+
+def collect(args, previous: dict | None = None, log: dict | None = None) -> dict:
+    """previous: an earlier results.json (--merge); its runs that are not on this machine are kept as they are."""
+    r1 = None if args.skip_reload else _round1()
+    log = log if log is not None else merged_log(None)
     walls = wall_times(log)
     groups = args.groups.split(",")
     plan = [r for r in rr.plan() if r.group in groups]
-    results = {"choices": rr.load_choices(), "gain_rule": GAIN_RULE, "runs": {}, "steps": {}}
+    results = {"choices": rr.load_choices() or (previous or {}).get("choices"), "gain_rule": GAIN_RULE,
+               "runs": {}, "steps": {}}
     for run in plan:
         if not rr.is_done(run):
             continue
@@ -176,6 +189,13 @@ def collect(args) -> dict:
             out["routing_analysis"] = run_routing(run.out_dir, args.out / f"routing_{run.name}", data, extra)
         results["runs"][run.name] = out
         print("collected", run.name, out["metric"], flush=True)
+    if previous:  # runs collected earlier, on a machine whose run folders are gone
+        planned = {r.name for r in plan}
+        for key in ("runs", "steps"):
+            for name, rec in previous.get(key, {}).items():
+                if name in planned and name not in results[key]:
+                    results[key][name] = rec
+        results["runs"] = {r.name: results["runs"][r.name] for r in plan if r.name in results["runs"]}
 
     # per variant and paired comparisons
     by_variant: dict = {}
@@ -353,19 +373,30 @@ def main():
     parser.add_argument("--groups", default="A,B,C")
     parser.add_argument("--skip_routing", action="store_true")
     parser.add_argument("--skip_reload", action="store_true", help="only the runs' own metrics (fast)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs (and log records) of the results.json / runs_log.json already in --out "
+                             "that are not under $EVD2: add new seeds without the earlier run folders")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = collect(args)
+    previous = previous_log = None
+    if args.merge:
+        if not (args.out / "results.json").is_file():
+            parser.error(f"--merge: no earlier results.json in {args.out}")
+        previous = json.loads((args.out / "results.json").read_text())
+        if (args.out / "runs_log.json").is_file():
+            previous_log = json.loads((args.out / "runs_log.json").read_text())
+    log = merged_log(previous_log)
+    results = collect(args, previous, log)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "tables.md").write_text(tables(results))
     plots(results, args.out)
-    for name in ("runs_log.json", "choices.json"):
-        if (rr.EVD2 / name).is_file():
-            shutil.copy(rr.EVD2 / name, args.out / name)
+    (args.out / "runs_log.json").write_text(json.dumps(log, indent=1))
+    if rr.CHOICES.is_file() and not args.merge:
+        shutil.copy(rr.CHOICES, args.out / "choices.json")
     print(tables(results))
 
 
