@@ -22,8 +22,9 @@ def test_demo_quick_writes_models_table_heatmap(tmp_path, capsys):
     assert (out / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     dense, moe = results["dense"], results["mobile_vmoe"]
-    # equal active FLOPs but for the router's linear layer; the analytic count equals torch's FlopCounterMode
-    assert moe["flops"] - dense["flops"] == 2 * 64 * 5
+    # equal active FLOPs but for the router (its linear layer and the mean of the 17 tokens, a matmul); the analytic
+    # count equals torch's FlopCounterMode
+    assert moe["flops"] - dense["flops"] == 2 * 64 * 5 + 2 * 17 * 64
     assert dense["flops"] == dense["flops_counted"] and moe["flops"] == moe["flops_counted"]
     assert moe["params"] > moe["params_active"]
     assert abs(sum(moe["expert_load"]) - 1) < 1e-6 and 0 <= moe["router_superclass_accuracy"] <= 1

@@ -94,9 +94,11 @@ def test_padded_routing_groups_flops_match_flop_counter(router):
 def test_image_routing_costs_the_dense_twin_plus_the_router():
     dense = count_flops(tiny_config(moe_layers="none"))
     moe = count_flops(tiny_config())
-    assert moe.flops - dense.flops == 2 * 32 * 4  # one shared router: 2 x hidden x experts
+    router = 2 * 32 * 4 + 2 * 17 * 32  # 2 x hidden x experts, and the mean of the 17 tokens (a matmul)
+    assert moe.flops - dense.flops == router  # one shared router
     per_layer = count_flops(tiny_config(shared_router=False))
-    assert per_layer.flops - dense.flops == 2 * (2 * 32 * 4)  # a router in each of the 2 MoE blocks
+    assert per_layer.flops - dense.flops == 2 * router  # a router in each of the 2 MoE blocks
+    assert count_flops(tiny_config(router_input="cls")).flops - dense.flops == 2 * 32 * 4  # no mean
     assert moe.flops_all_experts - moe.flops == 3 * 2 * (2 * 2 * 17 * 32 * 64)  # 3 idle experts x 2 blocks
 
 
@@ -127,7 +129,9 @@ def test_presets_and_paper_sizes():
     rows = {r["name"]: r for r in preset_table()}
     for size in ("12x192", "3x64", "6x96"):
         dense, moe = rows[f"vit-{size}"], rows[f"mobile-vmoe-{size}"]
-        assert moe["flops"] - dense["flops"] == 2 * dense["width"] * 10  # equal active FLOPs but for the router
+        tokens = count_flops(get_preset(f"mobile-vmoe-{size}")).num_tokens
+        # equal active FLOPs but for the router: its linear layer and the mean of the tokens (a matmul)
+        assert moe["flops"] - dense["flops"] == 2 * dense["width"] * 10 + 2 * tokens * dense["width"]
         assert moe["params_total"] > moe["params_active"] == dense["params_active"] + dense["width"] * 10
     assert get_preset("mobile-vmoe-tiny", num_labels=7, image_size=64, patch_size=8).num_labels == 7
     assert get_preset("mobile-vmoe-tiny", num_hidden_layers=6).moe_layers == (4, 5)

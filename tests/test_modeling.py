@@ -301,6 +301,8 @@ def test_single_image_path_equals_sorted_dispatch(top_k, monkeypatch):
                         weights.repeat_interleave(17, 0)).view(1, 17, -1).detach()
     monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("the single-image path counted experts"))
     torch.testing.assert_close(experts.forward_images(hidden, index, weights), reference, rtol=0, atol=1e-6)
+    with torch.no_grad():  # inference: cached weight views, the combine weight folded into the matmul
+        torch.testing.assert_close(experts.forward_images(hidden, index, weights), reference, rtol=0, atol=1e-6)
     # with gradients (a training step on one image), the routing weights and the input still get theirs
     weights.requires_grad_(True)
     hidden.requires_grad_(True)
@@ -313,6 +315,77 @@ def test_single_image_path_equals_sorted_dispatch(top_k, monkeypatch):
     (rows * reference).sum().backward()
     torch.testing.assert_close(grads[0], weights.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_one_image_inference_is_planned_on_the_host_and_matches_the_tensor_path(top_k):
+    """At batch 1 on a CPU without gradients the image router decides on the host (`OneImageRouting`) and the experts
+    run on cached weight views; logits, recorded statistics and the aux loss equal the tensor path (gradients
+    enabled), and the views follow in-place loads, replaced parameters and dtype conversions."""
+    from hf_vmoe.modeling_vmoe import OneImageRouting, TopKRouting
+
+    model = VMoEForImageClassification(tiny_config(num_experts_per_tok=top_k, normalize_router_weights=top_k > 1))
+    model.eval()
+    router = model.vmoe.encoder.router
+    hidden = torch.randn(1, SEQ, 32)
+    with torch.no_grad():
+        assert type(router(hidden)[1]) is OneImageRouting
+    assert type(router(hidden)[1]) is TopKRouting  # gradients enabled: the tensor path
+    x = pixels(1)
+
+    def both(**kwargs):
+        with torch.no_grad():
+            host = model(x, **kwargs)
+        return host, model(x, **kwargs)
+
+    host, tensor = both(output_router_logits=True, labels=torch.tensor([2]))
+    torch.testing.assert_close(host.logits, tensor.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(host.aux_loss, tensor.aux_loss, rtol=1e-5, atol=1e-7)
+    assert torch.equal(host.expert_counts, tensor.expert_counts) and host.expert_counts.sum() == top_k  # one image
+    torch.testing.assert_close(model(torch.cat([x, pixels(2)])).logits[:1], tensor.logits, rtol=1e-5, atol=1e-6)
+    experts = moe_blocks(model)[0].experts
+    with torch.no_grad():  # an in-place load shows through the cached views
+        model.load_state_dict({k: v * 1.5 if "experts" in k else v for k, v in model.state_dict().items()})
+    host, tensor = both()
+    torch.testing.assert_close(host.logits, tensor.logits, rtol=1e-5, atol=1e-6)
+    experts.down_proj = torch.nn.Parameter(torch.randn_like(experts.down_proj))  # a replaced parameter
+    host, tensor = both()
+    torch.testing.assert_close(host.logits, tensor.logits, rtol=1e-5, atol=1e-6)
+    model.to(torch.float64)  # a conversion drops the old views
+    assert experts._views is None
+    host, tensor = both()
+    assert host.logits.dtype == torch.float64
+    torch.testing.assert_close(host.logits, tensor.logits, rtol=1e-7, atol=1e-9)  # float32 router weights
+
+
+def test_host_top_k_equals_torch_topk_and_defers_ties():
+    from hf_vmoe.modeling_vmoe import host_top_k
+
+    for top_k, normalize in itertools.product([1, 2, 3], [False, True]):
+        logits = torch.randn(10)
+        weights, index = torch.topk(logits.softmax(-1), top_k)
+        if normalize:
+            weights = weights / weights.sum()
+        experts, host_weights = host_top_k(logits.tolist(), top_k, normalize)
+        assert experts == index.tolist()
+        torch.testing.assert_close(torch.tensor(host_weights), weights, rtol=1e-6, atol=1e-7)
+    assert host_top_k([0.5, 1.0, 0.5, 0.1], 2, False) is None  # the second place is a tie: torch.topk decides
+    assert host_top_k([0.5, 1.0, 0.5, 0.1], 3, False)[0] in ([1, 0, 2], [1, 2, 0])
+    assert host_top_k([0.0, 0.0], 2, False) is not None  # all experts taken: no tie to break
+
+
+def test_mean_router_input_after_inference_mode_still_trains():
+    """The router's averaging weights are made outside inference mode, so a training step after an
+    `inference_mode` pass can save them for backward; the mean equals `Tensor.mean`."""
+    model = VMoEForImageClassification(tiny_config(router_input="mean"))
+    router = model.vmoe.encoder.router
+    hidden = torch.randn(2, SEQ, 32)
+    torch.testing.assert_close(router.mean_patch_token(hidden), hidden[:, 1:].mean(dim=1), rtol=1e-6, atol=1e-7)
+    with torch.inference_mode():
+        model.eval()(pixels(1))
+    model.train()
+    model(pixels(2), labels=torch.tensor([0, 1])).loss.backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)

@@ -20,6 +20,7 @@ transformers' output capture (`_can_record_outputs`), so layers return hidden st
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -406,6 +407,46 @@ class TopKRouting(VMoERouting):
         return F.one_hot(self.top_k_index, num_experts).float().sum(dim=1) / self.top_k_index.shape[1]
 
 
+class OneImageRouting(TopKRouting):
+    """Top-k image routing of one image, decided on the host: CPU inference at batch 1, where the plan is k numbers
+    and each small tensor op it saves (softmax, top-k, reading the ids back) measured 25-45 us right after a forward
+    pass (1-2 us in a tight loop). `experts` / `weights`: the k expert ids and combine weights as Python numbers;
+    `top_k_index` / `top_k_weights` are made from them only if something reads them (statistics, other backends)."""
+
+    def __init__(self, logits: torch.Tensor, experts: list[int], weights: list[float], seq_len: int):
+        self.logits, self.experts, self.weights, self.seq_len = logits, experts, weights, seq_len
+        self.keep = self.noisy_logits = self.rows = None
+
+    @cached_property
+    def top_k_index(self) -> torch.Tensor:
+        return torch.tensor([self.experts], device=self.logits.device)
+
+    @cached_property
+    def top_k_weights(self) -> torch.Tensor:
+        return torch.tensor([self.weights], dtype=self.logits.dtype, device=self.logits.device)
+
+    def apply(self, experts, hidden_states):
+        if experts.implementation != "eager" or torch.is_grad_enabled():
+            return super().apply(experts, hidden_states)
+        return experts.infer_one_image(hidden_states, self.experts, self.weights)
+
+
+def host_top_k(logits: list[float], top_k: int, normalize: bool) -> tuple[list[int], list[float]] | None:
+    """torch.topk(softmax(logits), k) of one item, in Python: (expert ids, weights) in descending order; None when
+    the k-th and (k+1)-th logits tie, where torch.topk's choice is the one to follow."""
+    order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)
+    if top_k < len(logits) and logits[order[top_k - 1]] == logits[order[top_k]]:
+        return None
+    top = logits[order[0]]
+    exps = [math.exp(value - top) for value in logits]
+    total = sum(exps)
+    weights = [exps[e] / total for e in order[:top_k]]
+    if normalize:
+        norm = sum(weights)
+        weights = [w / norm for w in weights]
+    return order[:top_k], weights
+
+
 @dataclass
 class ExpertChoiceRouting(VMoERouting):
     """Expert-choice routing: each expert took its top-C tokens of each routing group.
@@ -607,16 +648,24 @@ class VMoETopKRouter(VMoERouter):
         self.top_k = config.num_experts_per_tok
         self.image_level = config.routing_level == "image"
         self.num_prefix_tokens = 1 if config.use_cls_token else 0
+        self._mean_weights = None  # `mean_patch_token`
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
-        if self.image_level:  # (B, H): the class token or the mean patch token
-            if self.config.router_input == "cls":
-                items = hidden_states[:, 0]
-            else:
-                items = hidden_states[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.image_level:  # (B, H)
+            items = hidden_states[:, 0] if self.config.router_input == "cls" else self.mean_patch_token(hidden_states)
         else:  # (B * S, H)
             items = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.compute_logits(items)  # (N, E)
+        seq_len = hidden_states.shape[1] if self.image_level else None
+        if not self.training and self.config.eval_capacity_factor is None:  # inference: no noise, forcing, capacity
+            # static shapes first: testing the batch size under export would specialise the batch dimension
+            if not (_static_shapes() or torch.is_grad_enabled()) and self.image_level and logits.shape[0] == 1 and (
+                    logits.device.type == "cpu"):
+                plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
+                if plan is not None:
+                    return logits, OneImageRouting(logits, *plan, seq_len)
+            top_k_weights, top_k_index = torch.topk(logits.softmax(dim=-1), self.top_k, dim=-1)  # (N, k)
+            return logits, TopKRouting(logits, top_k_index, self.normalize(top_k_weights), seq_len=seq_len)
         noisy = self.add_noise(logits)
         probs = noisy.softmax(dim=-1)
         forced = self.forced_experts(logits, superclass_labels)
@@ -624,14 +673,35 @@ class VMoETopKRouter(VMoERouter):
             top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         else:
             top_k_index, top_k_weights = forced, probs.gather(1, forced)
-        if self.config.normalize_router_weights:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        top_k_weights = self.normalize(top_k_weights)
         keep = self.capacity_mask(top_k_index, top_k_weights)
         if keep is not None:
             top_k_weights = top_k_weights * keep
-        seq_len = hidden_states.shape[1] if self.image_level else None
         return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
                                    noisy if noisy is not logits else None)
+
+    def normalize(self, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The combine weights, renormalised to sum to one with `normalize_router_weights` (k > 1 only changes)."""
+        if self.config.normalize_router_weights:
+            return top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return top_k_weights
+
+    def mean_patch_token(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, S, H) -> (B, H), the mean of the patch tokens, as a product with averaging weights (S,) kept per
+        length: `mean` up to rounding, and at batch 1 on a CPU right after a forward pass 58 us instead of 104 us
+        (the model's matmul code is warm, the reduction's is not). Plain `mean` under tracing / compile / export."""
+        if _static_shapes():
+            return hidden_states[:, self.num_prefix_tokens:].mean(dim=1)
+        seq_len = hidden_states.shape[1]
+        weights = self._mean_weights
+        if weights is None or weights.shape[0] != seq_len or weights.dtype != hidden_states.dtype or (
+                weights.device != hidden_states.device):
+            with torch.inference_mode(False):  # a normal tensor: autograd may save it after an inference pass
+                weights = torch.full((seq_len,), 1 / (seq_len - self.num_prefix_tokens), dtype=hidden_states.dtype,
+                                     device=hidden_states.device)
+                weights[: self.num_prefix_tokens] = 0
+            self._mean_weights = weights
+        return torch.matmul(weights, hidden_states)
 
     def forced_experts(self, logits: torch.Tensor, superclass_labels: torch.Tensor | None) -> torch.Tensor | None:
         """Super-class forcing in training: slot 0 is the label's super-class, the other slots the router's best
@@ -800,6 +870,7 @@ class VMoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.down_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self._views, self._views_key = None, None  # `inference_views`
 
     def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor, params: tuple | None = None) -> torch.Tensor:
         """One expert's MLP. `params` (from `per_expert_params`) are the stacks unbound per expert, so a loop over
@@ -886,8 +957,10 @@ class VMoEExperts(nn.Module):
         if hidden_states.device.type != "cpu":
             return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         experts = top_k_index.tolist()[0]  # (k,) on the host
-        # training: the weights carry the router's gradient; inference: plain numbers (the same float32 values)
-        grad = torch.is_grad_enabled() and top_k_weights.requires_grad
+        if not torch.is_grad_enabled():
+            return self.infer_one_image(hidden_states, experts, top_k_weights.tolist()[0])
+        # the weights carry the router's gradient when it trains; otherwise plain numbers (the same float32 values)
+        grad = top_k_weights.requires_grad
         weights = top_k_weights[0].to(hidden_states.dtype).unbind(0) if grad else top_k_weights.tolist()[0]
         out = None
         for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
@@ -895,6 +968,36 @@ class VMoEExperts(nn.Module):
             current = current * weights[slot] if grad else current.mul_(weights[slot])
             out = current if out is None else out + current
         return out
+
+    def infer_one_image(self, hidden_states: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
+        """`_forward_one_image` without gradients: two `addmm` per expert on its cached weight views, the combine
+        weight folded into the second (w * bias + w * (h @ down^T))."""
+        rows = hidden_states.reshape(-1, self.hidden_dim)  # (S, H)
+        views = self.inference_views()
+        out = None
+        for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
+            up_t, up_bias, down_t, down_bias = views[expert_idx]  # (H, I), (I,), (I, H), (H,)
+            weight = weights[slot]
+            current = torch.addmm(down_bias, self.act_fn(torch.addmm(up_bias, rows, up_t)), down_t,
+                                  beta=weight, alpha=weight)  # (S, H)
+            out = current if out is None else out.add_(current)
+        return out.view(hidden_states.shape)
+
+    def inference_views(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per expert, detached views `(up^T, up_bias, down^T, down_bias)` of the stacked weights, for inference
+        on one image. Made once per weight storage: in-place updates (an optimiser step, `load_state_dict`) show
+        through them, a replaced or converted parameter makes new ones."""
+        params = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
+        key = tuple(p.data_ptr() for p in params)
+        if self._views_key != key:
+            up, up_bias, down, down_bias = (p.detach().unbind(0) for p in params)
+            self._views = [(u.t(), ub, d.t(), db) for u, ub, d, db in zip(up, up_bias, down, down_bias)]
+            self._views_key = key
+        return self._views
+
+    def _apply(self, fn, recurse=True):
+        self._views, self._views_key = None, None  # views of the old storage would keep it alive
+        return super()._apply(fn, recurse)
 
     def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
         """Static-shape image routing: one `baddbmm` pair per slot on each image's gathered expert weights."""
@@ -1001,6 +1104,8 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
          "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
     per_row = 2 * 2 * h * ie  # one expert on one row
     padded = batch_size + group_padding(config, batch_size, t)  # images the blocks run, real and padding
+    # an image router: its linear layer, and the mean of the patch tokens, a matmul over all t tokens
+    image_router = 2 * h * e + (2 * t * h if config.router_input == "mean" else 0)
     if config.router_type == "expert_choice":
         tokens = padded * t
         group = config.router_group_size or tokens
@@ -1028,9 +1133,9 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         elif config.routing_level == "token":
             b["router"] += 2 * t * h * e
         elif not config.shared_router:
-            b["router"] += 2 * h * e
+            b["router"] += image_router
     if config.is_moe and config.routing_level == "image" and config.shared_router:
-        b["router"] += 2 * h * e
+        b["router"] += image_router
     if padded != batch_size:  # per real image: its own blocks and its share of the padding's
         b = {name: round(value * padded / batch_size) for name, value in b.items()}
     pooled = h * (2 if config.pooling == "cls_mean" else 1)
@@ -1210,14 +1315,6 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 f"pixel_values must be a floating-point tensor (normalised pixels), got dtype {pixel_values.dtype}; "
                 "run the image processor first"
             )
-        if not _static_shapes():
-            # one reduction (NaN/inf whenever an element is); only then the elementwise check that counts them
-            finite = torch.isfinite(pixel_values) if not torch.isfinite(pixel_values.sum()) else None
-            if finite is not None and not bool(finite.all()):
-                raise ValueError(
-                    f"pixel_values contains {int((~finite).sum())} NaN or infinite values (of {pixel_values.numel()}); "
-                    "the router would send such images to arbitrary experts and every output would be NaN"
-                )
         image_size = to_pair(self.config.image_size)
         patch = to_pair(self.config.patch_size)
         if interpolate_pos_encoding:
@@ -1229,6 +1326,20 @@ class VMoEPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"Input image size ({height}x{width}) doesn't match the model ({image_size[0]}x{image_size[1]}); "
                 "pass interpolate_pos_encoding=True to run at another resolution"
+            )
+
+    @staticmethod
+    def _check_finite(pixel_values: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """NaN / inf pixels raise. Every pixel reaches a patch embedding (the image size is a multiple of the patch
+        size), so one sum of the (smaller) embeddings finds them; only then are the pixels counted. Skipped under
+        tracing / compile / export, where a data-dependent check cannot run."""
+        if _static_shapes() or math.isfinite(embeddings.sum(dtype=torch.float32).item()):
+            return
+        bad = int((~torch.isfinite(pixel_values)).sum())
+        if bad:
+            raise ValueError(
+                f"pixel_values contains {bad} NaN or infinite values (of {pixel_values.numel()}); "
+                "the router would send such images to arbitrary experts and every output would be NaN"
             )
 
     def _encode(
@@ -1243,7 +1354,9 @@ class VMoEPreTrainedModel(PreTrainedModel):
         outputs. The plans are recorded, and the aux loss and statistics computed, only when the model trains,
         gets labels (`compute_routing_loss`), super-class labels or `output_router_logits`."""
         self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        images = pixel_values
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        pixel_values = pixel_values if pixel_values.dtype == dtype else pixel_values.to(dtype)
         output_router_logits = kwargs.get("output_router_logits")
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -1257,6 +1370,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         if padding:  # V-MoE's evaluator: all-zero examples fill the last batch
             pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(padding, *pixel_values.shape[1:])])
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        self._check_finite(images, embeddings)
         encoded = self.encoder(embeddings, superclass_labels=superclass_labels, output_routings=record, **kwargs)
         routing = dict.fromkeys(ROUTING_FIELDS)
         if record:
