@@ -401,10 +401,16 @@ def quantize_onnx(
     calibration=None,
     quantize_router: bool = False,
     per_channel: bool = True,
+    reduce_range: bool = True,
 ) -> Path:
     """int8 copy of an exported float32 ONNX file (onnxruntime.quantization). mode="dynamic": int8 weights,
     activations quantized on the fly (MatMulInteger); "static": QDQ with activation ranges from `calibration` (a list
-    of (B, C, H, W) batches). Router nodes stay float32 unless `quantize_router`."""
+    of (B, C, H, W) batches). Router nodes stay float32 unless `quantize_router`.
+
+    reduce_range: 7-bit weights. onnxruntime's int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
+    add pairs of 8-bit products in 16 bits, which saturates with full-range weights; measured on a digits model on
+    such a CPU, 8-bit weights routed 89% (dynamic) / 95% (static) of the images like float32, 7-bit weights 99%.
+    The file may run on any CPU, so 7 bits is the default; False gives 8-bit weights for ARM or VNNI targets."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -415,15 +421,17 @@ def quantize_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if mode == "dynamic":
-            quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+            quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                             op_types_to_quantize=["MatMul", "Gemm", "Conv"])
         else:
             if not calibration:
                 raise ValueError("static ONNX quantization needs calibration batches")
             quantize_static(
                 str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                op_types_to_quantize=["MatMul", "Gemm", "Conv"], calibrate_method=CalibrationMethod.MinMax,
+                reduce_range=reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
     return dst
