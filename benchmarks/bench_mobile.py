@@ -16,9 +16,9 @@ Runtimes: PyTorch eager, torch.compile (inductor), ONNX Runtime float32 / int8 (
 ExecuTorch float32 / int8 (XNNPACK; PT2E static int8, experts weight-only int8).
 
 Method: the files are exported once (their size on disk is reported; eager/compiled report the safetensors file).
-Then, per runtime, one fresh process loads both models and runs them alternately on the same image, call by call
-(order swapped every round), after warm-up: median latency of each and the median of the per-round ratios MoE /
-dense. Peak memory: one more fresh process per (runtime, model) that loads the model and runs 20 calls; its peak
+Then, per runtime, one fresh process loads both models and runs each once per round on the same image, in a new
+seeded random order each round (`common.interleaved`, as the other speed benchmarks), after warm-up: median
+latency of each and the median of the per-round ratios MoE / dense. Peak memory: one more fresh process per (runtime, model) that loads the model and runs 20 calls; its peak
 RSS (VmHWM, the kernel's per-process `ru_maxrss` figure without the parent's pre-exec peak) and the increase over the
 same process just before loading (the runtime libraries imported).
 Machine, date and load average are recorded; the machine may be shared (timings noisy).
@@ -27,6 +27,7 @@ Machine, date and load average are recorded; the machine may be shared (timings 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -193,7 +194,7 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--mode", choices=("latency", "memory"), required=True)
     parser.add_argument("--runtime", required=True)
     parser.add_argument("--model", action="append", nargs=2, metavar=("NAME", "PATH"), required=True)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
     import torch
@@ -212,21 +213,15 @@ def worker(argv: list[str]) -> None:
         print("RESULT " + json.dumps({"peak_rss_mb": _rss_mb(), "baseline_rss_mb": before,
                                       "increase_mb": _rss_mb() - before, "load_and_20_calls_s": time.perf_counter() - t0}))
         return
+    import common
+
     runners = {name: load_runner(args.runtime, name, path) for name, path in args.model}
-    names = list(runners)
-    for i in range(args.warmup):
-        for name in names:
-            runners[name](xs[i % len(xs)])
-    times = {name: [] for name in names}
-    for r in range(args.rounds):
-        x = xs[r % len(xs)]
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            runners[name](x)
-            times[name].append(time.perf_counter() - t0)
+    # each model is called once per round and cycles through the same images: round r runs both on image r mod 8
+    calls = {name: (lambda run=run, image=itertools.cycle(xs): run(next(image))) for name, run in runners.items()}
+    times = common.interleaved(calls, reps=args.rounds, warmup=args.warmup)
     result = {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "rounds": len(t)}
               for name, t in times.items()}
-    if set(MODELS) <= set(names):
+    if set(MODELS) <= set(runners):
         ratios = sorted(m / d for m, d in zip(times["mobile_vmoe_tiny"], times["vit_tiny"]))
         q = statistics.quantiles(ratios, n=4)
         result["ratio_moe_over_dense"] = {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
@@ -290,13 +285,13 @@ def main(argv=None):
         return worker(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per runtime (default 40)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per runtime (default 150)")
     parser.add_argument("--runtimes", nargs="*", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--keep-files", help="export into this folder and keep the files")
     parser.add_argument("--out", default="mobile", help="result name under benchmarks/results/")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (6 if args.quick else 40)
+    rounds = args.rounds or (6 if args.quick else 150)
     warmup = 2 if args.quick else 5
 
     import torch
