@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # full run, about 10-15 minutes on a quiet 2-core machine
     python benchmarks/run_all.py --quick    # smoke run, a few minutes, noisy figures
     python benchmarks/run_all.py --only inference moe_layer
+    python benchmarks/run_all.py --gather   # rewrite RESULTS.md from benchmarks/results/ (after bench_mobile.py)
     BENCH_THREADS=1 python benchmarks/run_all.py   # pin torch to one thread on a shared machine
 
 JSON results and per-benchmark markdown go to benchmarks/results/; RESULTS.md gathers the markdown and a goals
@@ -73,8 +74,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", choices=list(BENCHES), default=None)
+    parser.add_argument("--gather", action="store_true", help="run nothing, only rewrite RESULTS.md")
     args = parser.parse_args(argv)
-    names = args.only or list(BENCHES)
+    names = [] if args.gather else args.only or list(BENCHES)
     timings = {}
     for name in names:
         script, _ = BENCHES[name]
