@@ -18,9 +18,10 @@ ExecuTorch float32 / int8 (XNNPACK; PT2E static int8, experts weight-only int8).
 Method: the files are exported once (their size on disk is reported; eager/compiled report the safetensors file).
 Then, per runtime, one fresh process loads both models and runs each once per round on the same image, in a new
 seeded random order each round (`common.interleaved`, as the other speed benchmarks), after warm-up: median
-latency of each and the median of the per-round ratios MoE / dense. Peak memory: one more fresh process per (runtime, model) that loads the model and runs 20 calls; its peak
-RSS (VmHWM, the kernel's per-process `ru_maxrss` figure without the parent's pre-exec peak) and the increase over the
-same process just before loading (the runtime libraries imported).
+latency of each and the median of the per-round ratios MoE / dense. Peak memory: one more fresh process per
+(runtime, model) that loads the model and runs 20 calls; its peak RSS (VmHWM, the kernel's per-process `ru_maxrss`
+figure without the parent's pre-exec peak) and the increase over the same process just before loading (the runtime
+libraries imported).
 Machine, date and load average are recorded; the machine may be shared (timings noisy).
 """
 

@@ -32,24 +32,6 @@ if str(HERE.parent / "src") not in sys.path:
 import torch  # noqa: E402
 
 
-def cpu_name() -> str:
-    """The CPU model and whether it has VNNI: int8 kernels (and so int8 accuracy) differ between x86 CPUs with and
-    without it."""
-    import platform
-
-    flags, name = "", platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = value
-    except OSError:
-        return name
-    return f"{name} ({'VNNI' if 'vnni' in flags else 'no VNNI'})"
-
-
 def digits_splits(processor, seed: int = 0):
     """(pixel_values, labels) for the demo's train and test splits."""
     from hf_vmoe.demo import load_digit_images, stratified_split
@@ -201,6 +183,8 @@ def main(argv=None):
     c = model.config
     import onnxruntime
 
+    import common
+
     result = {
         "model": f"{args.model}: VMoE {c.num_hidden_layers}x{c.hidden_size}, {c.image_size}px, {c.routing_level} "
                  f"routing, E={c.num_experts}, k={c.num_experts_per_tok}, moe_layers={list(c.moe_layers)}",
@@ -208,7 +192,8 @@ def main(argv=None):
         "test_images": len(test_y),
         "calibration_images": len(calib),
         "rows": rows,
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s), torch {torch.__version__}, "
+        "machine": f"{common.machine_info()['cpu']}, {os.cpu_count()} cores, {args.threads} thread(s), "
+                   f"torch {torch.__version__}, "
                    f"executorch {importlib.metadata.version('executorch')}, "
                    f"onnxruntime {onnxruntime.__version__}, {time.strftime('%Y-%m-%d')}",
     }

@@ -189,6 +189,8 @@ def machine_info() -> dict:
         for line in lscpu.splitlines():
             if line.startswith("Model name:"):
                 model_name = line.split(":", 1)[1].strip()
+            elif line.startswith("Flags:") and "avx2" in line.split():  # x86: int8 kernels differ with VNNI
+                model_name += " (VNNI)" if "vnni" in line else " (no VNNI)"
     except OSError:
         pass
     try:
