@@ -56,6 +56,8 @@ CHOICES = EVD2 / "choices.json"
 TIN = EVD2 / "tin200"
 PY = os.environ.get("PY", sys.executable)
 CLS = "examples/run_image_classification.py"
+# environment added to every run (round 3 pins the kernels' instruction set here, see `configure`)
+RUN_ENV: dict[str, str] = {}
 SEG = "examples/run_semantic_segmentation.py"
 
 FINAL_SEEDS = (42, 43, 44)
@@ -389,6 +391,34 @@ def git_state() -> dict:
             "dirty_src_examples": bool(git("status", "--porcelain", "--", "src", "examples"))}
 
 
+MACHINE_PROBE = """
+import json, platform, subprocess, torch, transformers
+cpu = platform.processor() or platform.machine()
+for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+    if line.startswith("Model name:"):
+        cpu = line.split(":", 1)[1].strip()
+print(json.dumps({"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "python": platform.python_version()}))
+"""
+
+
+def machine_facts(env: dict) -> dict:
+    """The CPU model, the kernels' instruction set as torch reports it under the run's environment
+    (`torch.backends.cpu.get_cpu_capability()`), torch / transformers / Python versions, and the pinned variables."""
+    out = subprocess.run([PY, "-c", MACHINE_PROBE], env=env, capture_output=True, text=True, check=False)
+    facts = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-500:]}
+    facts["pinned_env"] = dict(RUN_ENV)
+    return facts
+
+
+def configure(root: Path, plan_fn, run_env: dict | None = None):
+    """Point the runner at another evidence round: its output root (runs, log, choices, data links under
+    root/tin200), its plan and the environment added to every run. Round 3 uses this; round 2 keeps the defaults."""
+    global EVD2, RUNS, LOG, CHOICES, TIN, plan, RUN_ENV
+    EVD2, plan, RUN_ENV = Path(root), plan_fn, dict(run_env or {})
+    RUNS, LOG, CHOICES, TIN = EVD2 / "runs", EVD2 / "runs_log.json", EVD2 / "choices.json", EVD2 / "tin200"
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -458,6 +488,12 @@ class Runner:
         self.stop = threading.Event()
         self.all_runs = {r.name: r for r in plan()}
         self.git = git_state()
+        self._machine = None
+
+    def machine(self, env: dict) -> dict:
+        if self._machine is None:
+            self._machine = machine_facts(env)
+        return self._machine
 
     def ready(self, run: Run) -> bool:
         for d in run.deps:
@@ -502,11 +538,11 @@ class Runner:
         if run.kind == "step" and run.output:
             Path(run.output).parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **RUN_ENV}
         record = {"name": run.name, "group": run.group, "tier": run.tier, "seed": run.seed, "threads": 1,
                   "kind": run.kind, "command": shown, "argv": argv, "cwd": str(SCRIPTS_ROOT), "start": now(),
                   "resumed_from": str(resume) if resume else None, "loadavg_start": os.getloadavg(),
-                  "git": self.git}
+                  "git": self.git, "machine": self.machine(env)}
         print(f"[runner] {record['start']} start {run.name}" + (f" (resume {resume.name})" if resume else ""),
               flush=True)
         t0 = time.monotonic()
