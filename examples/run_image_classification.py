@@ -47,7 +47,7 @@ from transformers import (
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
-from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
+from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
 from hf_vmoe.integrations.data import metric_path, parse_config_overrides, size_dict
 from hf_vmoe.integrations.hub import SCRATCH, build_model_card
 from hf_vmoe.recipes.presets import get_preset
@@ -306,6 +306,7 @@ def main(argv=None):
         data_collator=collate_fn,
     )
     router_stats = RouterStatsCallback.attach(trainer) if config.is_moe else None
+    trainer.add_callback(RouterBiasUpdateCallback())  # loss-free balancing (router_bias_update_rate); else a no-op
     count_active_flops(trainer)  # total_flos = active training FLOPs, dense and MoE alike
 
     if training_args.do_train:

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, default_d
 
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
-from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
+from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
 from hf_vmoe.integrations.data import (
     SegmentationTransform,
     ade20k_id2label,
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None):
                 backbone_config.routing_level)
     if backbone_config.is_moe:  # expert load with the loss; a routing-health line after each evaluation
         RouterStatsCallback.attach(trainer, per_expert=False)
+        trainer.add_callback(RouterBiasUpdateCallback())  # loss-free balancing (router_bias_update_rate)
     count_active_flops(trainer)  # total_flos = active training FLOPs of the VMoE encoder (dense and MoE alike)
 
     if training_args.do_train:

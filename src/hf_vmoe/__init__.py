@@ -33,6 +33,7 @@ from .modeling_vmoe import (
     VMoEForSemanticSegmentation,
     VMoEModel,
     VMoEPreTrainedModel,
+    update_router_biases,
 )
 
 __version__ = "0.1.0"
@@ -111,4 +112,5 @@ __all__ = [
     "VMoEImageProcessor",
     "last_layers",
     "every_nth_layer",
+    "update_router_biases",
 ]

@@ -133,6 +133,10 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         router_z_loss_coef (`float`): ST-MoE router z-loss coefficient.
         router_load_loss_coef (`float`): V-MoE's noise-based load loss (top-k routers, training with
             `router_noise_std > 0` only).
+        router_bias_update_rate (`float`): auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3's
+            `e_score_correction_bias`), top-k routers: a float32 per-expert bias is added to the router's softmax
+            probabilities to *select* experts (the combine weights stay the unbiased probabilities); after each
+            optimizer step `update_router_biases` moves it by `rate * sign(mean load - load)`. 0 = off (no bias).
         router_aux_loss_layer_reduction (`str`): how the losses of the router calls combine: `"mean"` or `"sum"`
             (V-MoE).
         expert_dispatch_dtype (`str`, optional): `"bfloat16"` rounds every expert's input and output through
@@ -199,6 +203,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     router_importance_loss_coef: float | int = 0.0
     router_z_loss_coef: float | int = 0.001
     router_load_loss_coef: float | int = 0.0
+    router_bias_update_rate: float | int = 0.0
     router_aux_loss_layer_reduction: str = "mean"
     expert_dispatch_dtype: str | None = None
     output_router_logits: bool = False
@@ -290,7 +295,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         """Coefficients, probabilities and epsilons."""
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "router_noise_std",
                      "router_aux_loss_coef", "router_importance_loss_coef", "router_z_loss_coef",
-                     "router_load_loss_coef", "superclass_loss_coef", "initializer_range"):
+                     "router_load_loss_coef", "router_bias_update_rate", "superclass_loss_coef", "initializer_range"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
@@ -328,6 +333,11 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"router_type={self.router_type!r} routes tokens: it needs routing_level='token', "
                 f"got {self.routing_level!r}"
+            )
+        if self.router_bias_update_rate and self.router_type != "top_k":
+            raise ValueError(
+                f"router_bias_update_rate={self.router_bias_update_rate} balances top-k routers; "
+                f"router_type={self.router_type!r} is balanced by construction: set it to 0"
             )
         if self.router_group_size is not None and self.routing_level != "token":
             raise ValueError(

@@ -431,16 +431,20 @@ class OneImageRouting(TopKRouting):
         return experts.infer_one_image(hidden_states, self.experts, self.weights)
 
 
-def host_top_k(logits: list[float], top_k: int, normalize: bool) -> tuple[list[int], list[float]] | None:
-    """torch.topk(softmax(logits), k) of one item, in Python: (expert ids, weights) in descending order; None when
-    the k-th and (k+1)-th logits tie, where torch.topk's choice is the one to follow."""
-    order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)
-    if top_k < len(logits) and logits[order[top_k - 1]] == logits[order[top_k]]:
-        return None
-    top = logits[order[0]]
+def host_top_k(logits: list[float], top_k: int, normalize: bool, bias: list[float] | None = None
+               ) -> tuple[list[int], list[float]] | None:
+    """torch.topk(softmax(logits) [+ bias], k) of one item, in Python: (expert ids, unbiased weights) in descending
+    order of the selection score; None when the k-th and (k+1)-th scores tie, where torch.topk's choice is the one
+    to follow."""
+    top = max(logits)
     exps = [math.exp(value - top) for value in logits]
     total = sum(exps)
-    weights = [exps[e] / total for e in order[:top_k]]
+    probs = [value / total for value in exps]
+    scores = logits if bias is None else [p + b for p, b in zip(probs, bias)]
+    order = sorted(range(len(logits)), key=scores.__getitem__, reverse=True)
+    if top_k < len(logits) and scores[order[top_k - 1]] == scores[order[top_k]]:
+        return None
+    weights = [probs[e] for e in order[:top_k]]
     if normalize:
         norm = sum(weights)
         weights = [w / norm for w in weights]
@@ -641,7 +645,11 @@ class VMoERouter(nn.Module):
 class VMoETopKRouter(VMoERouter):
     """Top-k routing (V-MoE, Mobile V-MoE): softmax over experts, each item takes its k best; capacity with
     batch-priority routing per routing group; with `train_routing="superclass"`, a training image's first expert is
-    its label's super-class. Image routing reads one pooled vector per image (`router_input`)."""
+    its label's super-class. Image routing reads one pooled vector per image (`router_input`).
+
+    With `router_bias_update_rate > 0` (loss-free balancing) the buffer `e_score_correction_bias` (E,) is added to
+    the probabilities to select experts, not to the combine weights; training forwards record each expert's load
+    (`record_load`) and `update_router_biases` moves the bias after each optimizer step."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__(config)
@@ -649,6 +657,10 @@ class VMoETopKRouter(VMoERouter):
         self.image_level = config.routing_level == "image"
         self.num_prefix_tokens = 1 if config.use_cls_token else 0
         self._mean_weights = None  # `mean_patch_token`
+        bias = torch.zeros(config.num_experts, dtype=torch.float32) if config.router_bias_update_rate else None
+        self.register_buffer("e_score_correction_bias", bias)  # None (no buffer) without loss-free balancing
+        self.load = None  # (E,) items routed to each expert by the training forwards since the last bias update
+        self.forwards_since_update = 0
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         if self.image_level:  # (B, H)
@@ -661,16 +673,17 @@ class VMoETopKRouter(VMoERouter):
             # static shapes first: testing the batch size under export would specialise the batch dimension
             if not (_static_shapes() or torch.is_grad_enabled()) and self.image_level and logits.shape[0] == 1 and (
                     logits.device.type == "cpu"):
-                plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
+                bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.tolist()
+                plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights, bias)
                 if plan is not None:
                     return logits, OneImageRouting(logits, *plan, seq_len)
-            top_k_weights, top_k_index = torch.topk(logits.softmax(dim=-1), self.top_k, dim=-1)  # (N, k)
+            top_k_weights, top_k_index = self.select(logits.softmax(dim=-1))  # (N, k)
             return logits, TopKRouting(logits, top_k_index, self.normalize(top_k_weights), seq_len=seq_len)
         noisy = self.add_noise(logits)
         probs = noisy.softmax(dim=-1)
         forced = self.forced_experts(logits, superclass_labels)
         if forced is None:
-            top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+            top_k_weights, top_k_index = self.select(probs)  # (N, k)
         else:
             top_k_index, top_k_weights = forced, probs.gather(1, forced)
         top_k_weights = self.normalize(top_k_weights)
@@ -679,6 +692,25 @@ class VMoETopKRouter(VMoERouter):
             top_k_weights = top_k_weights * keep
         return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
                                    noisy if noisy is not logits else None)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) probabilities -> the k chosen experts' probabilities and ids (N, k); with loss-free balancing the
+        experts are chosen by probability + bias, and the weights are still the unbiased probabilities."""
+        if self.e_score_correction_bias is None:
+            return torch.topk(probs, self.top_k, dim=-1)
+        top_k_index = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+        return probs.gather(1, top_k_index), top_k_index
+
+    def record_load(self, counts: torch.Tensor) -> None:
+        """Add one training forward's expert counts (E,) to the load that the next bias update balances."""
+        counts = counts.detach().float()
+        self.load = counts if self.load is None else self.load + counts
+        self.forwards_since_update += 1
+        if self.forwards_since_update == 1000:
+            logger.warning(
+                "router_bias_update_rate=%s but the router bias was not updated in 1000 training forwards: call "
+                "hf_vmoe.update_router_biases(model) after each optimizer step (RouterBiasUpdateCallback does it "
+                "in the Trainer)", self.config.router_bias_update_rate)
 
     def normalize(self, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The combine weights, renormalised to sum to one with `normalize_router_weights` (k > 1 only changes)."""
@@ -783,6 +815,40 @@ class VMoESoftRouter(VMoERouter):
 
 
 ROUTER_CLASSES = {"top_k": VMoETopKRouter, "expert_choice": VMoEExpertChoiceRouter, "soft": VMoESoftRouter}
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module) -> bool:
+    """Loss-free balancing (Wang et al. 2024): after an optimizer step, move every balancing router's selection
+    bias by `router_bias_update_rate * sign(mean load - load)`, with the loads its training forwards recorded since
+    the last update (all gradient-accumulation micro-batches; summed over processes when torch.distributed is
+    initialised, so every rank holds the same bias), then reset the loads. Returns True if a bias moved.
+    `RouterBiasUpdateCallback` calls it in the Trainer; a custom loop calls it after `optimizer.step()`."""
+    routers = [m for m in model.modules() if isinstance(m, VMoETopKRouter) and m.e_score_correction_bias is not None]
+    if not routers:
+        return False
+    loads = torch.stack([r.load if r.load is not None else torch.zeros_like(r.e_score_correction_bias)
+                         for r in routers]).to(routers[0].e_score_correction_bias.device)  # (routers, E)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loads)
+    moved = False
+    for router, load in zip(routers, loads):
+        router.load, router.forwards_since_update = None, 0
+        if load.sum() > 0:
+            rate = router.config.router_bias_update_rate
+            router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load).to(router.e_score_correction_bias))
+            moved = True
+    return moved
+
+
+def _record_router_loads(encoder: nn.Module, expert_counts: torch.Tensor) -> None:
+    """Give each balancing router its share of a training forward's `expert_counts` (routers, E): one row per router
+    call, in forward order (the encoder's shared router, or each MoE block's own)."""
+    routers = [encoder.router] if encoder.router is not None else [
+        layer.mlp.router for layer in encoder.layer if layer.is_moe]
+    for router, counts in zip(routers, expert_counts):
+        if router.e_score_correction_bias is not None:
+            router.record_load(counts)
 
 
 def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
@@ -1289,6 +1355,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, VMoERouter):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, VMoELayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 
@@ -1375,6 +1443,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
         routing = dict.fromkeys(ROUTING_FIELDS)
         if record:
             routing.update(vmoe_routing_loss(encoded.routings, self.config, superclass_labels))
+            if self.training and self.config.router_bias_update_rate:  # counts of this forward, not of a recompute
+                _record_router_loads(self.encoder, routing["expert_counts"])
         routing["router_logits"] = encoded.router_logits if output_router_logits else None
         if padding:  # the outputs of the real images only (the routing losses and counts include the padding)
             tokens = batch_size * embeddings.shape[1]
@@ -1703,6 +1773,7 @@ __all__ = [
     "SoftRouting",
     "VMoECheckpointMismatchError",
     "vmoe_routing_loss",
+    "update_router_biases",
     "flop_breakdown",
     "VMoEModelOutput",
     "VMoEImageClassifierOutput",

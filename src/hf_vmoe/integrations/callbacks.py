@@ -250,6 +250,21 @@ class RouterStatsCallback(TrainerCallback):
             logger.warning("routing health at step %d: %s", step, health["summary"])
 
 
+class RouterBiasUpdateCallback(TrainerCallback):
+    """Loss-free load balancing in the Trainer (`config.router_bias_update_rate > 0`): after every optimizer step
+    (so over all gradient-accumulation micro-batches), `hf_vmoe.update_router_biases` moves each router's selection
+    bias towards balance. A no-op for models without such routers, so scripts can always add it:
+
+        trainer.add_callback(RouterBiasUpdateCallback())
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            from ..modeling_vmoe import update_router_biases
+
+            update_router_biases(model)
+
+
 def count_active_flops(trainer) -> None:
     """Make `trainer`'s `total_flos` the active training FLOPs of a VMoE model (3 x the forward FLOPs of the
     experts each image uses, `VMoEPreTrainedModel.floating_point_ops`). transformers' Trainer counts
@@ -267,4 +282,4 @@ def count_active_flops(trainer) -> None:
     trainer.floating_point_ops = floating_point_ops
 
 
-__all__ = ["RouterStatsCallback", "routing_health", "HEALTH_THRESHOLDS", "count_active_flops"]
+__all__ = ["RouterStatsCallback", "RouterBiasUpdateCallback", "routing_health", "HEALTH_THRESHOLDS", "count_active_flops"]
