@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import math
 import os
@@ -370,13 +371,16 @@ _log_lock = threading.Lock()
 
 
 def append_log(record: dict):
+    """Append under a thread lock and a file lock: two runner processes may share one root (e.g. one per lane)."""
     with _log_lock:
         EVD2.mkdir(parents=True, exist_ok=True)
-        data = json.loads(LOG.read_text()) if LOG.is_file() else {"runs": []}
-        data["runs"].append(record)
-        tmp = LOG.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(LOG)
+        with open(LOG.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(LOG.read_text()) if LOG.is_file() else {"runs": []}
+            data["runs"].append(record)
+            tmp = LOG.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(LOG)
 
 
 def git_state() -> dict:
