@@ -477,6 +477,48 @@ def write_choice(run: Run, curve, stopped_at: int | None):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _claim_path(run: Run) -> Path:
+    return RUNS / f"{run.name}.claim"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claimed_elsewhere(run: Run) -> bool:
+    """Another live runner process is running this run (its pid is in RUNS/<name>.claim)."""
+    try:
+        pid = int(_claim_path(run).read_text())
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and _alive(pid)
+
+
+def claim(run: Run) -> bool:
+    """Take a run for this runner process, so that several runner processes (one per lane) can share a root:
+    RUNS/<name>.claim is created exclusively and holds the pid; a claim whose process is gone is taken over."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = _claim_path(run)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if claimed_elsewhere(run):
+                return False
+            path.unlink(missing_ok=True)  # stale: its runner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 class Runner:
     def __init__(self, runs: list[Run], jobs: int, dry_run: bool, cut: bool = True):
         self.cut = cut
@@ -518,18 +560,20 @@ class Runner:
         return False
 
     def next_run(self) -> Run | None | bool:
-        """A run to start, None to wait (running jobs may unlock more), False when nothing is left."""
+        """A run to start, None to wait (running jobs, here or in another runner process, may unlock more), False
+        when nothing is left."""
         with self.lock:
             cut = set(budget_cut(load_choices().get("epochs_a"))) if self.cut else set()
             pending = [r for r in self.runs if r.name not in self.started and r.name not in self.failed
                        and not is_done(r) and not (r.tier == 1 and r.name in cut)]
             live = [r for r in pending if not self.blocked_forever(r)]
             for r in live:
-                if self.ready(r):
+                if self.ready(r) and claim(r):
                     self.started.add(r.name)
                     self.running += 1
                     return r
-            return None if live and self.running else False
+            elsewhere = any(claimed_elsewhere(r) for r in self.all_runs.values())
+            return None if live and (self.running or elsewhere) else False
 
     def execute(self, run: Run):
         choices = load_choices()
@@ -581,6 +625,7 @@ class Runner:
         record.update(end=now(), wall_s=round(time.monotonic() - t0, 1), rc=rc, status=status)
         append_log(record)
         print(f"[runner] {record['end']} end {run.name}: {status} rc={rc} {record['wall_s']:.0f}s", flush=True)
+        _claim_path(run).unlink(missing_ok=True)
         if status == "failed":
             with self.lock:
                 self.failed.add(run.name)
