@@ -5,8 +5,8 @@ clone of the public repository rangeetpan/IMagenet (folder `tiny-imagenet-200/`)
     git clone https://github.com/rangeetpan/IMagenet /somewhere/IMagenet    # once, ~220 MB
     python benchmarks/evidence/round3/prepare_data.py --source /somewhere/IMagenet [--evd3 /work/evd3]
 
-Checks the source (the 200 classes of ../shared/data's Tiny-ImageNet subset: the clone holds two extra classes,
-n02480855 and n10148035, which are dropped; 100,000 training and 10,000 validation images), writes a sha256
+Checks the source (200 classes: the clone's wnids.txt lists two extra classes, n02480855 and n10148035, which are
+dropped; 100,000 training and 10,000 validation images), writes a sha256
 manifest of every image used (`$EVD3/tin200/MANIFEST.sha256`) and builds imagefolders of symlinks (nothing is
 copied; the images are never committed):
 
@@ -35,19 +35,13 @@ import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
 RECORD = HERE / "data.json"
 EXTRA_CLASSES = ("n02480855", "n10148035")  # in the clone, not in Tiny-ImageNet-200
 TRAIN_PER_CLASS, VAL_PER_CLASS = 500, 50
 HELDOUT_PER_CLASS, PROBE_PER_CLASS = 50, 10
 
 
-def classes() -> list[str]:
-    """The 200 Tiny-ImageNet classes, as listed by the shared subset (or the clone's wnids.txt without the extras)."""
-    subset = Path(os.environ.get("HF_VMOE_REAL_DATA", ROOT.parent / "shared/data")) / "tiny-imagenet-200-subset"
-    if (subset / "wnids.txt").is_file():
-        return sorted(subset.joinpath("wnids.txt").read_text().split())
-    return []
+NUM_CLASSES = 200
 
 
 def source_images(src: Path) -> dict[str, dict[str, list[Path]]]:
@@ -56,9 +50,10 @@ def source_images(src: Path) -> dict[str, dict[str, list[Path]]]:
     if not (tin / "train").is_dir() or not (tin / "val" / "val_annotations.txt").is_file():
         raise SystemExit(f"{tin}: no train/ or val/val_annotations.txt: --source must be a clone of "
                          "rangeetpan/IMagenet (with its tiny-imagenet-200/ folder)")
-    wnids = classes() or sorted(set(tin.joinpath("wnids.txt").read_text().split()) - set(EXTRA_CLASSES))
-    if len(wnids) != 200:
-        raise SystemExit(f"expected 200 classes, found {len(wnids)}")
+    wnids = sorted(set(tin.joinpath("wnids.txt").read_text().split()) - set(EXTRA_CLASSES))
+    if len(wnids) != NUM_CLASSES:
+        raise SystemExit(f"expected {NUM_CLASSES} classes in {tin / 'wnids.txt'} (without {EXTRA_CLASSES}), "
+                         f"found {len(wnids)}")
     train = {w: sorted((tin / "train" / w / "images").glob("*.JPEG")) for w in wnids}
     val: dict[str, list[Path]] = {w: [] for w in wnids}
     for line in tin.joinpath("val/val_annotations.txt").read_text().splitlines():
@@ -84,22 +79,23 @@ def manifest(images: dict, src: Path) -> str:
     return "".join(sorted(lines, key=lambda line: line[66:]))
 
 
-def build(src: Path, evd3: Path, seed: int = 0, write_record: bool = False) -> Path:
+def build(src: Path, evd3: Path, seed: int = 0, write_record: bool = False, record_path: Path = RECORD) -> Path:
     images = source_images(src)
     listing = manifest(images, src)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True).stdout.strip()
     record = {"source": "github.com/rangeetpan/IMagenet, folder tiny-imagenet-200/", "commit": commit or None,
-              "dropped_classes": list(EXTRA_CLASSES), "classes": 200,
-              "images": {"train": 100_000, "validation": 10_000},
+              "dropped_classes": list(EXTRA_CLASSES), "classes": NUM_CLASSES,
+              "images": {"train": NUM_CLASSES * TRAIN_PER_CLASS, "validation": NUM_CLASSES * VAL_PER_CLASS},
               "manifest_sha256": hashlib.sha256(listing.encode()).hexdigest(), "split_seed": seed,
-              "split": {"train": 200 * (TRAIN_PER_CLASS - HELDOUT_PER_CLASS), "heldout": 200 * HELDOUT_PER_CLASS,
-                        "validation": 200 * VAL_PER_CLASS, "trainprobe": 200 * PROBE_PER_CLASS}}
-    if write_record or not RECORD.is_file():
-        RECORD.write_text(json.dumps(record, indent=1) + "\n")
+              "split": {"train": NUM_CLASSES * (TRAIN_PER_CLASS - HELDOUT_PER_CLASS),
+                        "heldout": NUM_CLASSES * HELDOUT_PER_CLASS, "validation": NUM_CLASSES * VAL_PER_CLASS,
+                        "trainprobe": NUM_CLASSES * PROBE_PER_CLASS}}
+    if write_record or not record_path.is_file():
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
     else:
-        known = json.loads(RECORD.read_text())
+        known = json.loads(record_path.read_text())
         if known["manifest_sha256"] != record["manifest_sha256"] or known["split_seed"] != seed:
-            raise SystemExit(f"the images or the split differ from {RECORD} (manifest {record['manifest_sha256']})")
+            raise SystemExit(f"the images or the split differ from {record_path} (manifest {record['manifest_sha256']})")
     out = evd3 / "tin200"
     out.mkdir(parents=True, exist_ok=True)
     (out / "MANIFEST.sha256").write_text(listing)
