@@ -56,6 +56,8 @@ BASELINES = {
 }
 EXTRA_PAIRS = [("A-moe-wordnet", "A-moe-conf"), ("B-moe-conf", "B-moe-learned")]
 GAIN_RULE = "GAIN/LOSS: n >= 3 pairs, all differences of one sign, |mean| > 2 * std / sqrt(n); else no decision"
+ROUND = "round 2"      # plot titles
+SC_STEP = "A-sc"       # the super-class step whose groups a learned router is matched against
 
 
 def variant_of(name: str) -> str:
@@ -178,7 +180,7 @@ def collect(args, previous: dict | None = None, log: dict | None = None) -> dict
         else:
             out["metric"] = res.get("eval_accuracy")
             if r1 is not None:
-                sc = rr.RUNS / f"A-sc-s{run.seed}" / "superclasses.json"
+                sc = rr.RUNS / f"{SC_STEP}-s{run.seed}" / "superclasses.json"
                 out.update(measure_classifier(r1, run.out_dir, sc))
         cfg = json.loads((run.out_dir / "config.json").read_text())
         cfg = cfg.get("backbone_config", cfg)
@@ -327,7 +329,7 @@ def plots(results: dict, out: Path):
                             label=v if r["seed"] == min(x_["seed"] for x_ in rs if x_["variant"] == v) else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation mIoU" if group == "C" else "validation top-1")
-        ax.set_title(f"round 2, group {group} (seed 42 solid, 43 dashed, 44 dotted)")
+        ax.set_title(f"{ROUND}, group {group} (seed 42 solid, 43 dashed, 44 dotted)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
