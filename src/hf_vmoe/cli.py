@@ -121,7 +121,7 @@ def cmd_superclasses(args):
 
         from .integrations.data import size_dict
         from .image_processing_vmoe import VMoEImageProcessor
-        from .recipes.superclasses import format_confusion_report, superclasses_from_model
+        from .recipes.superclasses import HELDOUT_SPLIT_FILE, format_confusion_report, superclasses_from_model
 
         model = AutoModelForImageClassification.from_pretrained(args.model)
         try:
@@ -137,6 +137,9 @@ def cmd_superclasses(args):
                                                       seed=args.seed, progress=True, soft=args.soft)
         print(format_confusion_report(report))
         info = {"confusion_report": report}
+        heldout = Path(args.model) / HELDOUT_SPLIT_FILE  # the training images the dense run held out
+        if heldout.is_file():  # a MoE run given this map holds out the same images: both train on the same data
+            info["heldout"] = json.loads(heldout.read_text())
     save_superclasses(args.output, ids, names, confusion=cm, info=info)
     for g, members in enumerate(superclass_groups(ids, names)):
         print(f"super-class {g} ({len(members)}): {', '.join(map(str, members))}")

@@ -285,6 +285,11 @@ def superclasses_from_confusion(cm, num_experts: int, seed: int = 0, normalize: 
     return balanced_partition(similarity_graph(cm, normalize=normalize), num_experts, seed=seed)
 
 
+# The file a run that holds out a share of its training images for the super-classes writes into its output folder
+# (the share, seed and counts); super-class maps built from that model carry it as `heldout`, so that a MoE run
+# given the map holds out the same images and trains on the same data as the dense model.
+HELDOUT_SPLIT_FILE = "superclass_heldout.json"
+
 # Thresholds of `confusion_report`, below which a confusion matrix is too sparse to partition meaningfully
 # (docs/mobile-vmoe-recipe.md says why these values).
 CONFUSION_CHECKS = {
@@ -347,7 +352,8 @@ def log_confusion_report(report: dict) -> None:
         logger.warning(
             "super-classes: the confusion matrix is too sparse to partition meaningfully: %s. Train the dense model "
             "longer, hold out more images (a larger held-out share or folder), or partition the soft confusion "
-            "matrix (soft=True, `--soft`); thresholds in CONFUSION_CHECKS, docs/mobile-vmoe-recipe.md",
+            "matrix (soft=True; `hf-vmoe superclasses from-model --soft`); thresholds in CONFUSION_CHECKS, "
+            "docs/mobile-vmoe-recipe.md",
             "; ".join(report["problems"]))
 
 
@@ -556,6 +562,7 @@ __all__ = [
     "superclasses_from_confusion",
     "superclasses_from_model",
     "CONFUSION_CHECKS",
+    "HELDOUT_SPLIT_FILE",
     "confusion_report",
     "format_confusion_report",
     "log_confusion_report",
