@@ -226,6 +226,9 @@ def build_model(model_args, labels, seed=None):
     label2id = {name: i for i, name in id2label.items()}
     if (model_args.model_name_or_path is None) == (model_args.preset is None):
         raise ValueError("give exactly one of --model_name_or_path or --preset")
+    if model_args.drop_upcycling_ratio and not model_args.init_from_dense:
+        raise ValueError(f"--drop_upcycling_ratio {model_args.drop_upcycling_ratio} re-initialises part of experts "
+                         "copied from a dense model: give --init_from_dense too")
     superclass_ids = None
     if model_args.superclasses_file:
         superclass_ids = load_superclass_map(model_args.superclasses_file, class_names=labels)

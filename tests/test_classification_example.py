@@ -132,6 +132,8 @@ def test_bad_arguments(imagefolder, tmp_path):
     script = load_script()
     with pytest.raises(ValueError, match="exactly one"):
         script.main(common_args(imagefolder, tmp_path))
+    with pytest.raises(ValueError, match="--drop_upcycling_ratio 0.5 .* give --init_from_dense"):
+        script.main(["--preset", "mobile-vmoe-3x64", "--drop_upcycling_ratio", "0.5"] + common_args(imagefolder, tmp_path))
     with pytest.raises(ValueError, match="not key=value"):
         script.parse_overrides("num_experts")
     assert script.parse_overrides("num_experts=4,moe_layers=last:2,drop_path_rate=0.1,qkv_bias=false") == {

@@ -213,7 +213,7 @@ def _refine_by_swaps(sim: np.ndarray, assignment: np.ndarray, num_groups: int) -
     rows = np.arange(len(assignment))
     to_group = sim @ np.eye(num_groups)[assignment]  # (n, G): similarity of each class to each group
     tolerance = 1e-12 * max(sim.max(), 1e-300)
-    for _ in range(len(assignment) ** 2):  # each swap raises the score, so this bound is never the reason to stop
+    for _ in range(len(assignment) ** 2):  # each swap raises the score, so the loop ends; the bound caps its time
         relative = to_group - to_group[rows, assignment][:, None]  # gain of moving i into group g, alone
         by_member = relative[:, assignment]  # [i, j]: gain of moving i into j's group
         gain = by_member + by_member.T - 2 * sim

@@ -313,9 +313,9 @@ def drop_upcycle_experts(experts: dict[str, torch.Tensor], drop_ratio: float,
     re-initialised unit gets new rows of `up_proj` and `up_proj_bias` and a new column of `down_proj`, drawn from
     a normal distribution with the mean and std of that expert's matrix before the drop (for copies: the dense
     matrix's statistics), as the paper does. We follow the paper rather than the model's initialiser
-    (`_init_weights`: truncated normal of std `initializer_range`, zero biases) because trained weights are often
-    several times wider than the initialiser, and a unit drawn at the initialiser's scale would start nearly
-    silent beside the kept ones. Experts thus start diverse (a different subset each) while keeping most of the
+    (`_init_weights`: truncated normal of std `initializer_range`, zero biases) because training moves each
+    matrix's scale away from the initialiser's, layer by layer, and a unit drawn at another scale than the kept
+    ones would start too loud or nearly silent beside them. Experts thus start diverse (a different subset each) while keeping most of the
     dense knowledge. `generator` seeds the subsets and the draws. Returns new tensors; `drop_ratio=0` returns
     `experts` unchanged."""
     drop_ratio = check_drop_ratio(drop_ratio)
