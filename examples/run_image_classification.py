@@ -8,13 +8,18 @@ torchvision (PIL + numpy augmentations, then the image processor). The three-sta
     #    training images (never trained on; --superclass_heldout_dir DIR for a separate folder instead)
     python examples/run_image_classification.py --preset vit-12x192 --train_dir data/train \
         --validation_dir data/val --output_dir runs/dense --do_train --do_eval --compute_superclasses 10
-    # 2. (or separately, on any held-out split)
-    hf-vmoe superclasses from-model --model runs/dense --validation-dir data/val --num-experts 10 \
+    # 2. (or separately, on another held-out split)
+    hf-vmoe superclasses from-model --model runs/dense --validation-dir data/heldout --num-experts 10 \
         -o runs/dense/superclasses.json
     # 3. Mobile V-MoE with super-class routing, optionally initialised from the dense baseline
     python examples/run_image_classification.py --preset mobile-vmoe-12x192 --train_dir data/train \
         --validation_dir data/val --superclasses_file runs/dense/superclasses.json --init_from_dense runs/dense \
         --output_dir runs/moe --do_train --do_eval
+
+The dense and the MoE run train on the same images: superclasses.json records the share held out of the dense
+run's training set (`heldout`), and a run given that file holds out the same images. With --init_from_dense the
+train metrics, logs and model card also count the dense phase's epochs (`dense_epochs`, `total_epochs`), so an
+upcycled MoE is compared with a dense model at equal total epochs.
 
 Every `TrainingArguments` flag works (`--push_to_hub --hub_model_id org/name`, `--eval_strategy epoch`, ...).
 Unless set, `--logging_steps` is 1/20 of the run (about 20 loss lines) and pinned memory is off on the CPU
@@ -24,6 +29,7 @@ super-class accuracy crosses a threshold, see `hf_vmoe.integrations.callbacks`),
 `all_results.json` and in the model card (README.md), which says what the model was trained from.
 """
 
+import json
 import logging
 import os
 import sys
@@ -52,8 +58,8 @@ from hf_vmoe.integrations.data import metric_path, parse_config_overrides, size_
 from hf_vmoe.integrations.hub import SCRATCH, build_model_card
 from hf_vmoe.recipes.presets import get_preset
 from hf_vmoe.integrations.script_defaults import apply_script_defaults
-from hf_vmoe.recipes.superclasses import load_superclass_map, model_confusion_matrix, save_superclasses
-from hf_vmoe.recipes.superclasses import set_superclasses, superclass_groups, superclasses_from_confusion
+from hf_vmoe.recipes.superclasses import HELDOUT_SPLIT_FILE, load_superclass_map, save_superclasses
+from hf_vmoe.recipes.superclasses import set_superclasses, superclass_groups, superclasses_from_model
 from hf_vmoe.recipes.upcycling import init_experts_from_dense
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,8 @@ class DataTrainingArguments:
     label_column_name: str = field(default="label", metadata={"help": "Column with the labels."})
     superclass_heldout_share: float = field(
         default=0.1, metadata={"help": "With --compute_superclasses: share of each class's training images held out "
-                                       "(seeded by --seed, never trained on) for the confusion matrix."})
+                                       "(seeded by --seed, never trained on) for the confusion matrix. A run given "
+                                       "the superclasses.json written then holds out the same images."})
     superclass_heldout_dir: str | None = field(
         default=None, metadata={"help": "With --compute_superclasses: an imagefolder for the confusion matrix instead "
                                         "of a share of the training set (same classes)."})
@@ -104,6 +111,9 @@ class ModelArguments:
     init_from_dense: str | None = field(
         default=None, metadata={"help": "A trained dense VMoE twin: copy its weights, experts = copies of its MLP."}
     )
+    drop_upcycling_ratio: float = field(
+        default=0.0, metadata={"help": "With --init_from_dense: share of each expert's hidden units re-initialised, a "
+                                       "different random subset per expert (drop-upcycling; 0 = plain copies)."})
     compute_superclasses: int | None = field(
         default=None, metadata={"help": "After training, write super-classes for this many experts from the model's "
                                         "confusion matrix on the validation split to OUTPUT_DIR/superclasses.json."}
@@ -165,6 +175,42 @@ def split_heldout(train, share, seed, label_column="label"):
     return train.select(keep), train.select(sorted(held))
 
 
+def recorded_heldout(superclasses_file):
+    """The held-out share a super-class file was built from (its `heldout` entry: share, seed, image counts, as
+    this script writes it), or None (a map from elsewhere, or built on a separate folder)."""
+    if not superclasses_file or not superclasses_file.lower().endswith(".json"):
+        return None
+    with open(superclasses_file) as f:
+        data = json.load(f)
+    heldout = data.get("heldout") if isinstance(data, dict) else None
+    return heldout if heldout and "share" in heldout else None
+
+
+def hold_out_recorded(train, record, superclasses_file, label_column="label"):
+    """(train, held_out) with the images the super-classes in `superclasses_file` came from held out again, so
+    this run trains on exactly the dense run's images. Raises when the training set is not the dense run's."""
+    train, heldout = split_heldout(train, record["share"], record["seed"], label_column)
+    if (len(train), len(heldout)) != (record["num_train"], record["num_images"]):
+        raise ValueError(
+            f"{superclasses_file} was built from {record['num_images']} images held out of the dense run's training "
+            f"set, leaving {record['num_train']} to train on; this run's training set gives {len(heldout)} and "
+            f"{len(train)}: give the dense run's --train_dir / --dataset_name and --max_train_samples")
+    return train, heldout
+
+
+def dense_epochs(path):
+    """Epochs the dense checkpoint in `path` trained for: `total_epochs` (it was itself initialised from a trained
+    model) or `epoch` of its all_results.json / train_results.json / trainer_state.json; None when none says."""
+    for name in ("all_results.json", "train_results.json", "trainer_state.json"):
+        file = Path(path) / name
+        if file.is_file():
+            data = json.loads(file.read_text())
+            for key in ("total_epochs", "epoch"):
+                if data.get(key) is not None:
+                    return float(data[key])
+    return None
+
+
 def load_heldout_dir(path, labels, data_args):
     """The --superclass_heldout_dir imagefolder; its classes must be the training set's."""
     heldout = load_dataset("imagefolder", data_files={"train": os.path.join(path, "**")})["train"]
@@ -175,11 +221,14 @@ def load_heldout_dir(path, labels, data_args):
     return heldout
 
 
-def build_model(model_args, labels):
+def build_model(model_args, labels, seed=None):
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     if (model_args.model_name_or_path is None) == (model_args.preset is None):
         raise ValueError("give exactly one of --model_name_or_path or --preset")
+    if model_args.drop_upcycling_ratio and not model_args.init_from_dense:
+        raise ValueError(f"--drop_upcycling_ratio {model_args.drop_upcycling_ratio} re-initialises part of experts "
+                         "copied from a dense model: give --init_from_dense too")
     superclass_ids = None
     if model_args.superclasses_file:
         superclass_ids = load_superclass_map(model_args.superclasses_file, class_names=labels)
@@ -199,7 +248,7 @@ def build_model(model_args, labels):
         )
     if model_args.init_from_dense:
         dense = VMoEForImageClassification.from_pretrained(model_args.init_from_dense)
-        init_experts_from_dense(model, dense)
+        init_experts_from_dense(model, dense, drop_ratio=model_args.drop_upcycling_ratio, seed=seed)
     return model
 
 
@@ -230,7 +279,7 @@ def main(argv=None):
 
     dataset = load_data(data_args, cache_dir=None)
     labels = dataset["train"].features[data_args.label_column_name].names
-    model = build_model(model_args, labels)
+    model = build_model(model_args, labels, seed=training_args.seed)
     config = model.config
     processor = build_processor(model_args, config)
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
@@ -257,26 +306,34 @@ def main(argv=None):
     if data_args.max_eval_samples is not None:
         dataset["validation"] = dataset["validation"].shuffle(seed=training_args.seed).select(
             range(data_args.max_eval_samples))
-    heldout = None
-    if model_args.compute_superclasses:
-        if data_args.superclass_heldout_dir:
-            heldout = load_heldout_dir(data_args.superclass_heldout_dir, labels, data_args)
-            if data_args.validation_dir and Path(data_args.superclass_heldout_dir).resolve() == Path(
-                    data_args.validation_dir).resolve():
-                logger.warning("super-classes: --superclass_heldout_dir is the evaluation split (--validation_dir): "
-                               "a MoE evaluated there is evaluated on the data its routing was built from")
-            logger.info("super-classes: confusion matrix on %d images of %s", len(heldout),
-                        data_args.superclass_heldout_dir)
-        else:
-            dataset["train"], heldout = split_heldout(dataset["train"], data_args.superclass_heldout_share,
-                                                      training_args.seed, label_col)
-            logger.info("super-classes: holding out %d training images (%.0f%% of each class, seed %d; not trained "
-                        "on, not the evaluation split) for the confusion matrix; training on %d",
-                        len(heldout), 100 * data_args.superclass_heldout_share, training_args.seed,
-                        len(dataset["train"]))
-            if not training_args.do_train:
-                logger.warning("super-classes: no --do_train, so the model may have been trained on the held-out "
-                               "images; pass --superclass_heldout_dir for images it never saw")
+    heldout, heldout_record = None, None
+    recorded = recorded_heldout(model_args.superclasses_file)
+    if model_args.compute_superclasses and data_args.superclass_heldout_dir:
+        heldout = load_heldout_dir(data_args.superclass_heldout_dir, labels, data_args)
+        if data_args.validation_dir and Path(data_args.superclass_heldout_dir).resolve() == Path(
+                data_args.validation_dir).resolve():
+            logger.warning("super-classes: --superclass_heldout_dir is the evaluation split (--validation_dir): "
+                           "a MoE evaluated there is evaluated on the data its routing was built from")
+        logger.info("super-classes: confusion matrix on %d images of %s", len(heldout),
+                    data_args.superclass_heldout_dir)
+        heldout_record = {"dir": data_args.superclass_heldout_dir, "num_images": len(heldout)}
+    elif model_args.compute_superclasses:
+        dataset["train"], heldout = split_heldout(dataset["train"], data_args.superclass_heldout_share,
+                                                  training_args.seed, label_col)
+        logger.info("super-classes: holding out %d training images (%.0f%% of each class, seed %d; not trained "
+                    "on, not the evaluation split) for the confusion matrix; training on %d",
+                    len(heldout), 100 * data_args.superclass_heldout_share, training_args.seed,
+                    len(dataset["train"]))
+        heldout_record = {"share": data_args.superclass_heldout_share, "seed": training_args.seed,
+                          "num_images": len(heldout), "num_train": len(dataset["train"])}
+        if not training_args.do_train:
+            logger.warning("super-classes: no --do_train, so the model may have been trained on the held-out "
+                           "images; pass --superclass_heldout_dir for images it never saw")
+    elif recorded:
+        dataset["train"], _ = hold_out_recorded(dataset["train"], recorded, model_args.superclasses_file, label_col)
+        logger.info("super-classes: holding out the %d training images %s was built from (%.0f%% of each class, "
+                    "seed %d), so this run trains on the dense run's %d images", recorded["num_images"],
+                    model_args.superclasses_file, 100 * recorded["share"], recorded["seed"], len(dataset["train"]))
     train_dataset = dataset["train"].with_transform(train_transforms)
     eval_dataset = dataset["validation"].with_transform(eval_transforms)
 
@@ -309,12 +366,15 @@ def main(argv=None):
     trainer.add_callback(RouterBiasUpdateCallback())  # loss-free balancing (router_bias_update_rate); else a no-op
     count_active_flops(trainer)  # total_flos = active training FLOPs, dense and MoE alike
 
+    epochs = {}  # total_epochs (and dense_epochs) of a training run
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
+        epochs = epoch_counts(trainer.state.epoch, model_args)
         # total_flos: the model's active training FLOPs (VMoEPreTrainedModel.floating_point_ops); put back from the
         # state because transformers' PrinterCallback (--disable_tqdm) pops it from the train metrics
-        train_metrics = {**result.metrics, "total_flos": trainer.state.total_flos}
+        train_metrics = {**result.metrics, "total_flos": trainer.state.total_flos,
+                         "train_samples": len(dataset["train"]), **epochs}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
@@ -327,18 +387,24 @@ def main(argv=None):
         trainer.save_metrics("eval", metrics)
 
     if model_args.compute_superclasses:
-        cm = model_confusion_matrix(trainer.model, heldout.with_transform(eval_transforms),
-                                    batch_size=training_args.per_device_eval_batch_size, collate_fn=collate_fn,
-                                    progress=True)
-        ids = superclasses_from_confusion(cm, model_args.compute_superclasses, seed=training_args.seed)
+        ids, cm, report = superclasses_from_model(
+            trainer.model, heldout.with_transform(eval_transforms), model_args.compute_superclasses,
+            batch_size=training_args.per_device_eval_batch_size, collate_fn=collate_fn, seed=training_args.seed,
+            progress=True)
         path = save_superclasses(os.path.join(training_args.output_dir, "superclasses.json"), ids, labels,
-                                 confusion=cm)
+                                 confusion=cm, info={"confusion_report": report, "heldout": heldout_record})
+        if "share" in heldout_record:  # `hf-vmoe superclasses from-model` copies it into the maps it writes
+            with open(os.path.join(training_args.output_dir, HELDOUT_SPLIT_FILE), "w") as f:
+                json.dump(heldout_record, f, indent=1)
         for g, members in enumerate(superclass_groups(ids, labels)):
             logger.info("super-class %d: %s", g, ", ".join(members))
         logger.info("wrote %s", path)
+        trainer.save_metrics("superclasses", {"superclass_heldout_top1": report["top1"],
+                                              "superclass_classes_predicted": report["classes_predicted"],
+                                              "superclass_classes_confused": report["classes_confused"]})
 
     card.update(data_args=data_args, model_args=model_args, metrics=metrics, num_train=len(dataset["train"]),
-                labels=labels, health=router_stats.health if router_stats is not None else None)
+                labels=labels, health=router_stats.health if router_stats is not None else None, epochs=epochs)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     elif training_args.do_train:
@@ -346,7 +412,22 @@ def main(argv=None):
     return trainer
 
 
-def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train=None, labels=None, health=None):
+def epoch_counts(epochs, model_args):
+    """`total_epochs` of this run, the dense phase included with --init_from_dense (then also `dense_epochs`), so
+    an upcycled MoE is compared with a dense model at equal total epochs."""
+    if not model_args.init_from_dense:
+        return {"total_epochs": epochs}
+    before = dense_epochs(model_args.init_from_dense)
+    if before is None:
+        logger.warning("--init_from_dense %s records no epochs (no all_results.json / trainer_state.json): the total "
+                       "epochs of this run, dense phase included, are unknown", model_args.init_from_dense)
+        return {}
+    logger.info("epochs: %g dense + %g here = %g in all", before, epochs, before + epochs)
+    return {"dense_epochs": before, "total_epochs": before + epochs}
+
+
+def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train=None, labels=None, health=None,
+               epochs=None):
     """README.md in the output folder: `hf_vmoe.integrations.hub.build_model_card` with what this run knows (the Trainer's own
     card would call a preset a fine-tuning source and mix two units of expert load)."""
     if model_args is None:  # a save during training (push_to_hub with a save strategy): the final card comes later
@@ -369,10 +450,18 @@ def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train
     training = {"learning rate": args.learning_rate, "train batch size (per device)": args.per_device_train_batch_size,
                 "epochs": args.num_train_epochs if args.max_steps <= 0 else f"max_steps {args.max_steps}",
                 "optimizer steps": steps, "seed": args.seed}
+    epochs = epochs or {}
+    if "dense_epochs" in epochs:
+        training["dense epochs before upcycling"] = f"{epochs['dense_epochs']:g}"
+    if "total_epochs" in epochs:
+        training["total epochs (dense phase included)"] = f"{epochs['total_epochs']:g}"
     card = build_model_card(
         trainer.model, args.hub_model_id or args.output_dir, trained_on=trained_on, eval_results=eval_results,
         datasets=[data_args.dataset_name] if data_args.dataset_name else None, trained_from=trained_from,
-        upcycled=bool(model_args.init_from_dense), routing_health=health if config.is_moe else None,
+        upcycled=bool(model_args.init_from_dense), dense_epochs=epochs.get("dense_epochs"),
+        total_epochs=epochs.get("total_epochs") if "dense_epochs" in epochs else None,
+        drop_ratio=model_args.drop_upcycling_ratio if model_args.init_from_dense else 0.0,
+        routing_health=health if config.is_moe else None,
         expert_load=load if config.is_moe and load else None, training=training)
     card.save(os.path.join(args.output_dir, "README.md"))
 

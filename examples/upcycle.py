@@ -6,7 +6,9 @@
 
 Every expert starts as a copy of the dense MLP (`--expert_init split` splits its hidden units instead), the shared
 expert too, and the combine weights are normalised, so the result computes the dense function (`--check` verifies
-it on random pixels). The image processor is saved as a VMoEImageProcessor with the dense one's mean / std.
+it on random pixels). `--drop_ratio R` (drop-upcycling) re-initialises a share R of each expert's hidden units, a
+different subset per expert, so the experts start diverse; `--check` is skipped then. The image processor is saved
+as a VMoEImageProcessor with the dense one's mean / std.
 """
 
 import argparse
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_shared_experts", type=int, default=0)
     parser.add_argument("--expert_init", choices=EXPERT_INITS, default="copy")
     parser.add_argument("--expert_noise_std", type=float, default=0.0)
+    parser.add_argument("--drop_ratio", type=float, default=0.0,
+                        help="drop-upcycling: share of each expert's hidden units re-initialised (0 = plain copies)")
     parser.add_argument("--image_size", type=int, default=None, help="resolution to run at (default: the dense one)")
     parser.add_argument("--num_labels", type=int, default=None, help="new head size (segmentation / new classes)")
     parser.add_argument("--drop_distillation_token", action="store_true", help="DeiT: drop the distillation token")
@@ -50,6 +54,7 @@ def main(argv=None):
     model = upcycle(
         dense, task=args.task, expert_init=args.expert_init, expert_noise_std=args.expert_noise_std,
         image_size=args.image_size, drop_distillation_token=args.drop_distillation_token, seed=args.seed,
+        drop_ratio=args.drop_ratio,
         routing_level=args.routing_level, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
         moe_layers=moe_layers, num_shared_experts=args.num_shared_experts, **extra,
     )
@@ -70,6 +75,8 @@ def main(argv=None):
                "num_shared_experts": model.config.num_shared_experts}
     if args.check and args.task in ("segmentation", "backbone"):
         print("--check compares logits or hidden states; skipped for a new segmentation head / backbone")
+    elif args.check and args.drop_ratio > 0:
+        print("--check skipped: with --drop_ratio the experts are no longer copies of the dense MLP")
     elif args.check:
         pixels = torch.randn(2, model.config.num_channels, height, width)
         with torch.no_grad():

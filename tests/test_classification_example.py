@@ -1,5 +1,6 @@
 """examples/run_image_classification.py end to end: dense baseline -> super-classes -> Mobile V-MoE."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -36,6 +37,12 @@ def imagefolder(tmp_path_factory):
     return root
 
 
+def train_images(trainer):
+    """A digest of each training image of a run, in order (its transform removed)."""
+    return [hashlib.sha1(np.asarray(image).tobytes()).hexdigest()[:12]
+            for image in trainer.train_dataset.with_format(None)["image"]]
+
+
 def common_args(root, out):
     return ["--train_dir", str(root / "train"), "--validation_dir", str(root / "validation"), "--output_dir", str(out),
             "--image_size", "32", "--patch_size", "8", "--do_train", "--do_eval", "--max_steps", "3",
@@ -48,15 +55,25 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     script = load_script()
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
     # 1. dense baseline (+ super-classes from its confusion matrix on held-out training images)
-    script.main(["--preset", "vit-3x64", "--compute_superclasses", "2"] + common_args(imagefolder, dense_dir))
+    dense_trainer = script.main(["--preset", "vit-3x64", "--compute_superclasses", "2"]
+                                + common_args(imagefolder, dense_dir))
     results = json.loads((dense_dir / "all_results.json").read_text())
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and "train_loss" in results
+    assert results["train_samples"] == 20 and results["total_epochs"] == results["epoch"]
     dense = VMoEForImageClassification.from_pretrained(dense_dir)
     assert not dense.config.is_moe and [dense.config.id2label[i] for i in range(4)] == CLASSES
     superclasses = json.loads((dense_dir / "superclasses.json").read_text())
     assert sorted(len(g["classes"]) for g in superclasses["groups"]) == [2, 2]
     # 10% of each class's 6 training images, at least one: 4 held-out images, not the 12 validation ones
     assert np.asarray(superclasses["confusion_matrix"]).sum() == 4
+    assert superclasses["heldout"] == {"share": 0.1, "seed": 0, "num_images": 4, "num_train": 20}
+    # the dense model's held-out top-1 and the classes it predicts, in the map and in all_results.json
+    report = superclasses["confusion_report"]
+    cm = np.asarray(superclasses["confusion_matrix"])
+    assert report["num_images"] == 4 and report["top1"] == np.trace(cm) / 4 == results["superclass_heldout_top1"]
+    assert report["classes_predicted"] == (cm.sum(axis=0) > 0).sum() == results["superclass_classes_predicted"]
+    card = (dense_dir / "README.md").read_text()
+    assert "A dense Vision Transformer" in card and "experts per MoE block" not in card
 
     # 2. the same through the CLI, on the held-out split
     cli_file = tmp_path / "superclasses.csv"
@@ -64,11 +81,18 @@ def test_three_stage_recipe(imagefolder, tmp_path):
                      str(imagefolder / "validation"), "--num-experts", "2", "-o", str(cli_file)]) == 0
     cli_ids = load_superclass_map(cli_file, class_names=CLASSES)
     assert sorted(np.bincount(cli_ids).tolist()) == [2, 2]  # (same images -> same map: test_user_frictions.py)
+    cli_json = tmp_path / "superclasses_cli.json"
+    assert cli_main(["superclasses", "from-model", "--model", str(dense_dir), "--validation-dir",
+                     str(imagefolder / "validation"), "--num-experts", "2", "-o", str(cli_json)]) == 0
+    cli_map = json.loads(cli_json.read_text())
+    assert cli_map["confusion_report"]["num_images"] == 12  # the 12 validation images
+    assert cli_map["heldout"] == superclasses["heldout"]  # what the dense model was not trained on
 
     # 3. Mobile V-MoE with super-class routing, initialised from the dense baseline
     trainer = script.main(
         ["--preset", "mobile-vmoe-3x64", "--config_overrides", "num_experts=2,normalize_router_weights=true",
-         "--superclasses_file", str(dense_dir / "superclasses.json"), "--init_from_dense", str(dense_dir)]
+         "--superclasses_file", str(dense_dir / "superclasses.json"), "--init_from_dense", str(dense_dir),
+         "--drop_upcycling_ratio", "0.5"]
         + common_args(imagefolder, moe_dir)
     )
     moe = VMoEForImageClassification.from_pretrained(moe_dir)
@@ -80,12 +104,36 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     eval_log = [h for h in trainer.state.log_history if "eval_accuracy" in h][-1]
     assert "eval_router_superclass_accuracy" in eval_log
     assert (moe_dir / "preprocessor_config.json").exists() and (moe_dir / "README.md").exists()
+    # the same training images as the dense run, and the epochs counted with the dense phase
+    assert train_images(trainer) == train_images(dense_trainer) and len(train_images(trainer)) == 20
+    moe_results = json.loads((moe_dir / "all_results.json").read_text())
+    assert moe_results["train_samples"] == results["train_samples"] == 20
+    assert moe_results["dense_epochs"] == results["epoch"]
+    assert moe_results["total_epochs"] == results["epoch"] + moe_results["epoch"]
+    card = (moe_dir / "README.md").read_text()
+    total = f"{moe_results['total_epochs']:g}"
+    assert f"| total epochs (dense phase included) | {total} |" in card
+    assert f"The dense model had trained {results['epoch']:g} epochs: {total} epochs in all" in card
+    assert "every expert a copy of its MLP with a different 50% of its hidden units re-initialised" in card
+
+
+def test_moe_run_refuses_another_training_set_than_the_dense_run(imagefolder, tmp_path):
+    script = load_script()
+    superclasses = tmp_path / "superclasses.json"
+    superclasses.write_text(json.dumps({"superclass_ids": [0, 0, 1, 1], "heldout": {
+        "share": 0.1, "seed": 0, "num_images": 4, "num_train": 20}}))
+    args = ["--preset", "mobile-vmoe-3x64", "--config_overrides", "num_experts=2", "--superclasses_file",
+            str(superclasses)] + common_args(imagefolder, tmp_path / "moe")
+    with pytest.raises(ValueError, match="gives 4 and 12: give the dense run's"):
+        script.main(args + ["--max_train_samples", "16"])
 
 
 def test_bad_arguments(imagefolder, tmp_path):
     script = load_script()
     with pytest.raises(ValueError, match="exactly one"):
         script.main(common_args(imagefolder, tmp_path))
+    with pytest.raises(ValueError, match="--drop_upcycling_ratio 0.5 .* give --init_from_dense"):
+        script.main(["--preset", "mobile-vmoe-3x64", "--drop_upcycling_ratio", "0.5"] + common_args(imagefolder, tmp_path))
     with pytest.raises(ValueError, match="not key=value"):
         script.parse_overrides("num_experts")
     assert script.parse_overrides("num_experts=4,moe_layers=last:2,drop_path_rate=0.1,qkv_bias=false") == {

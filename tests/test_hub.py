@@ -299,3 +299,27 @@ assert len(errors) == 3, errors
     assert list(work.iterdir()) == []  # nothing in the working directory
     written = [p for p in home.rglob("*") if p.is_file()] if home.exists() else []
     assert written == [], written  # nothing in the cache
+
+
+def test_dense_card_describes_a_dense_model():
+    config = tiny_config(moe_layers=[])
+    text = str(build_model_card(config, "org/dense", trained_on="a toy set", trained_from="scratch"))
+    assert "A dense Vision Transformer (4 x 32 ViT" in text
+    assert f"every block has one MLP of width {config.intermediate_size}" in text
+    for moe_only in ("Mixture-of-Experts Transformer", "experts per MoE block", "MoE blocks", "of 4 experts",
+                     "Super-classes", "output_router_logits", "balancing losses"):
+        assert moe_only not in text, moe_only
+    params = count_parameters(config)["total"]
+    assert f"| parameters | {params / 1e3:.2f}K ({params:,}), all active |" in text
+    tags = _front_matter(text)["tags"]
+    assert "dense" in tags and "mixture-of-experts" not in tags and "image-routing" not in tags
+
+
+def test_upcycled_card_names_its_source_and_total_epochs(tmp_path):
+    config = tiny_config()
+    text = str(build_model_card(config, "org/moe", trained_on="a toy set", trained_from="org/dense-vit",
+                                upcycled=True, dense_epochs=30, total_epochs=45, drop_ratio=0.5))
+    assert "Upcycled from the dense model [org/dense-vit](https://huggingface.co/org/dense-vit)" in text
+    assert "with a different 50% of its hidden units re-initialised" in text
+    assert "The dense model had trained 30 epochs: 45 epochs in all, the dense phase included." in text
+    assert "A sparse Vision Mixture-of-Experts Transformer" in text and "experts per MoE block | 4 (k = 1)" in text

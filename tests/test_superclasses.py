@@ -1,6 +1,8 @@
 """Super-classes: confusion matrix -> balanced partition that keeps confusable classes together; map files."""
 
 import json
+import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,8 +11,10 @@ from conftest import tiny_config
 
 from hf_vmoe import VMoEForImageClassification
 from hf_vmoe.recipes.superclasses import (
+    CONFUSION_CHECKS,
     balanced_partition,
     confusion_matrix,
+    confusion_report,
     group_sizes,
     load_superclass_map,
     model_confusion_matrix,
@@ -20,6 +24,7 @@ from hf_vmoe.recipes.superclasses import (
     soft_confusion_matrix,
     superclass_groups,
     superclasses_from_confusion,
+    superclasses_from_model,
     within_group_similarity,
 )
 
@@ -74,6 +79,30 @@ def test_groups_are_balanced(num_classes, num_groups):
     assert len(ids) == num_classes and set(ids) == set(range(num_groups))
     assert sizes.max() - sizes.min() <= 1
     assert sorted(sizes.tolist()) == sorted(group_sizes(num_classes, num_groups))
+
+
+def planted_pairs(num_classes, seed):
+    """Counts: shuffled pairs of classes strongly confused with each other (15-24 of 100 examples each way) over
+    weak sparse background confusion (0-3 in 30% of the cells). Returns (cm, pairs)."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.permutation(num_classes).reshape(-1, 2)
+    cm = rng.integers(0, 4, (num_classes, num_classes)) * (rng.random((num_classes, num_classes)) < 0.3)
+    np.fill_diagonal(cm, 80)
+    for a, b in pairs:
+        cm[a, b] += rng.integers(15, 25)
+        cm[b, a] += rng.integers(15, 25)
+    return cm, pairs
+
+
+# more pairs than groups and every group of even size, so all pairs fit (4 groups of 5 could not hold 10 pairs);
+# without the swap refinement, spectral balanced k-means split two pairs in each of the first three cases
+@pytest.mark.parametrize("num_classes,num_groups,seed", [(20, 2, 0), (20, 2, 1), (30, 3, 1), (24, 4, 2), (20, 5, 3)])
+def test_most_confused_pairs_land_in_the_same_superclass(num_classes, num_groups, seed):
+    cm, pairs = planted_pairs(num_classes, seed)
+    ids = np.asarray(superclasses_from_confusion(cm, num_groups))
+    split = [(int(a), int(b)) for a, b in pairs if ids[a] != ids[b]]
+    assert split == []
+    assert sorted(np.bincount(ids).tolist()) == group_sizes(num_classes, num_groups)
 
 
 def test_partition_beats_random_balanced_partitions():
@@ -144,6 +173,69 @@ def test_model_confusion_matrix_matches_predictions():
     assert cm.shape == (5, 5) and (cm == expected).all() and cm.sum() == 12
     soft = model_confusion_matrix(model, data, soft=True)
     np.testing.assert_allclose(soft.sum(axis=1), np.bincount([d["labels"] for d in data], minlength=5))
+
+
+class EchoClassifier(torch.nn.Module):
+    """A stand-in classifier whose logits are its input: each example's `pixel_values` is the score vector."""
+
+    def __init__(self, num_labels):
+        super().__init__()
+        self.config = SimpleNamespace(num_labels=num_labels)
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device from a parameter
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=pixel_values)
+
+
+def examples(labels, predictions, num_labels):
+    return [{"pixel_values": torch.nn.functional.one_hot(torch.tensor(p), num_labels).float(), "labels": int(y)}
+            for y, p in zip(labels, predictions)]
+
+
+def test_superclasses_from_model_reports_top1_and_predicted_classes(caplog):
+    # 8 classes x 10 images; classes 2c and 2c+1 swap 3 of their 10 images: top-1 70%, every class predicted
+    labels = np.repeat(np.arange(8), 10)
+    predictions = np.where(np.tile(np.arange(10), 8) < 3, labels ^ 1, labels)
+    with caplog.at_level(logging.INFO, logger="hf_vmoe.recipes.superclasses"):
+        ids, cm, report = superclasses_from_model(EchoClassifier(8), examples(labels, predictions, 8), 4,
+                                                  batch_size=16)
+    assert report == {"num_images": 80, "num_classes": 8, "top1": pytest.approx(0.7), "classes_predicted": 8,
+                      "classes_confused": 8, "top1_floor": pytest.approx(0.25), "problems": []}
+    assert [ids[2 * c] == ids[2 * c + 1] for c in range(4)] == [True] * 4 and cm.sum() == 80
+    assert "top-1 70.0%, predicts 8 of 8 classes" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_sparse_confusion_matrix_warns_with_what_to_do(caplog):
+    # a collapsed model: it answers 0 or 1 for every image of 8 classes -> top-1 20%, 2 of 8 classes predicted
+    labels = np.repeat(np.arange(8), 10)
+    predictions = np.tile(np.arange(10), 8) % 2
+    with caplog.at_level(logging.INFO, logger="hf_vmoe.recipes.superclasses"):
+        _, _, report = superclasses_from_model(EchoClassifier(8), examples(labels, predictions, 8), 4)
+    assert report["top1"] == pytest.approx(10 / 80) and report["classes_predicted"] == 2
+    assert len(report["problems"]) == 2  # top-1 below the floor, too few classes predicted (all are confused)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "too sparse to partition" in warnings[0]
+    assert "predicts only 2 of 8 classes" in warnings[0] and "12.5% is below 25.0%" in warnings[0]
+    assert "train the dense model longer" in warnings[0].lower() and "hold out more images" in warnings[0]
+
+
+def test_confusion_report_checks():
+    # an accurate model on a small held-out split: a near-diagonal matrix with one confused pair of 10 classes
+    cm = np.diag(np.full(10, 5))
+    cm[0, 1] = 1
+    report = confusion_report(cm)
+    assert report["classes_predicted"] == 10 and report["classes_confused"] == 2
+    assert report["problems"] == ["only 2 of 10 classes are ever confused with another class (fewer than 50%); "
+                                  "the others are placed only to balance sizes"]
+    soft = cm + 0.01  # the soft confusion matrix confuses every class a little
+    assert confusion_report(cm, partitioned=soft)["problems"] == []
+    assert confusion_report(cm, checks={"min_confused_share": 0.1})["problems"] == []
+    assert CONFUSION_CHECKS["min_top1"] == 0.2  # the floor docs/mobile-vmoe-recipe.md states
+    with pytest.raises(ValueError, match="min_acc"):
+        confusion_report(cm, checks={"min_acc": 0.5})
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        confusion_report(cm, partitioned=np.ones((3, 3)))
 
 
 NAMES = ["cat", "dog", "car", "truck", "apple"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import load_example, tiny_config
 from transformers import (
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
@@ -23,7 +23,7 @@ from hf_vmoe import (
     VMoEForSemanticSegmentation,
     VMoEModel,
 )
-from hf_vmoe.recipes.upcycling import upcycle, vmoe_config_from_dense
+from hf_vmoe.recipes.upcycling import init_experts_from_dense, upcycle, vmoe_config_from_dense
 
 DENSE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8, num_labels=5)
 ATOL = 1e-5
@@ -247,3 +247,99 @@ def test_upcycle_example_script(tmp_path, capsys):
     model = VMoEForImageClassification.from_pretrained(tmp_path / "moe")
     assert model.config.image_size == 48 and model.config.num_shared_experts == 1
     assert (tmp_path / "moe" / "preprocessor_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Drop-upcycling: a share of each expert's hidden units re-initialised
+# --------------------------------------------------------------------------------------------------------------
+
+
+def dense_twin():
+    """A dense VMoE (tiny_config without MoE blocks) with random non-trivial weights and its MoE twin."""
+    dense = _randomize(VMoEForImageClassification(tiny_config(moe_layers="none")))
+    return dense, VMoEForImageClassification(tiny_config(moe_layers=[2, 3], num_experts=4))
+
+
+def redrawn_units(experts, fc1, fc2):
+    """Per expert, the hidden units whose up row, up bias or down column differ from the dense MLP's."""
+    units = []
+    for e in range(experts.up_proj.shape[0]):
+        changed = ((experts.up_proj[e] != fc1.weight).any(dim=1) | (experts.up_proj_bias[e] != fc1.bias)
+                   | (experts.down_proj[e] != fc2.weight).any(dim=0))
+        units.append(torch.nonzero(changed).flatten())
+    return units
+
+
+@pytest.mark.parametrize("ratio,expected", [(0.25, 16), (0.5, 32), (0.1, 6), (1.0, 64)])
+def test_drop_upcycling_redraws_an_exact_share_per_expert(ratio, expected):
+    dense, moe = dense_twin()
+    init_experts_from_dense(moe, dense, drop_ratio=ratio, seed=0)
+    dense_state = dense.state_dict()
+    for name, value in moe.state_dict().items():
+        if ".mlp." not in name and "router" not in name:
+            assert torch.equal(value, dense_state[name]), name  # outside the experts everything is the dense model's
+    for i in (2, 3):
+        experts, fc1, fc2 = moe.vmoe.encoder.layer[i].mlp.experts, dense.vmoe.encoder.layer[i].mlp.fc1, \
+            dense.vmoe.encoder.layer[i].mlp.fc2
+        units = redrawn_units(experts, fc1, fc2)
+        assert [len(u) for u in units] == [expected] * 4  # round(ratio * 64) units in every expert
+        if expected < 64:
+            assert len({tuple(u.tolist()) for u in units}) == 4  # a different subset per expert
+        for e, changed in enumerate(units):
+            kept = torch.ones(64, dtype=torch.bool)
+            kept[changed] = False
+            assert torch.equal(experts.up_proj[e][kept], fc1.weight[kept])  # bit for bit
+            assert torch.equal(experts.up_proj_bias[e][kept], fc1.bias[kept])
+            assert torch.equal(experts.down_proj[e][:, kept], fc2.weight[:, kept])
+            assert torch.equal(experts.down_proj_bias[e], fc2.bias)
+            # every part of a redrawn unit is new, drawn with the dense matrix's statistics (std 0.2 here, not the
+            # initialiser's 0.02)
+            assert (experts.up_proj[e][changed] != fc1.weight[changed]).all()
+            assert (experts.down_proj[e][:, changed] != fc2.weight[:, changed]).all()
+            new_std = experts.up_proj[e][changed].std().item()
+            assert 0.7 < new_std / fc1.weight.std().item() < 1.3
+
+
+def test_drop_upcycling_zero_is_the_plain_upcycle_and_is_seeded():
+    dense, moe = dense_twin()
+    plain = init_experts_from_dense(VMoEForImageClassification(moe.config), dense).state_dict()
+    zero = init_experts_from_dense(VMoEForImageClassification(moe.config), dense, drop_ratio=0.0, seed=1).state_dict()
+    experts = [k for k in plain if ".experts." in k]
+    assert experts and all(torch.equal(plain[k], zero[k]) for k in experts)
+    first, again, other = (init_experts_from_dense(VMoEForImageClassification(moe.config), dense, drop_ratio=0.5,
+                                                   seed=seed).state_dict() for seed in (3, 3, 4))
+    assert all(torch.equal(first[k], again[k]) for k in experts)
+    assert not torch.equal(first[experts[0]], other[experts[0]])
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_drop_upcycling_refuses_a_ratio_outside_0_1(ratio):
+    dense, moe = dense_twin()
+    with pytest.raises(ValueError, match=rf"drop_ratio must be a number in \[0, 1\].*got {ratio!r}"):
+        init_experts_from_dense(moe, dense, drop_ratio=ratio)
+    with pytest.raises(ValueError, match="drop_ratio"):
+        upcycle(vit_classifier(), num_experts=4, drop_ratio=ratio)
+
+
+def test_upcycle_with_drop_ratio(pixels):
+    dense = vit_classifier()
+    kwargs = dict(routing_level="token", num_experts=4, num_experts_per_tok=2, moe_layers=(1, 2), seed=0)
+    plain, dropped = upcycle(dense, **kwargs), upcycle(dense, drop_ratio=0.25, **kwargs)
+    assert torch.equal(upcycle(dense, drop_ratio=0.0, **kwargs)(pixels).logits, plain(pixels).logits)
+    for i in (1, 2):
+        mlp = dense.vit.layers[i].mlp
+        units = redrawn_units(dropped.vmoe.encoder.layer[i].mlp.experts, mlp.fc1, mlp.fc2)
+        assert [len(u) for u in units] == [16] * 4 and len({tuple(u.tolist()) for u in units}) == 4
+    with torch.no_grad():
+        assert not torch.allclose(dropped(pixels).logits, dense(pixels).logits, atol=1e-3)
+
+
+def test_upcycle_example_script_drop_ratio(tmp_path, capsys):
+    script = load_example("upcycle")
+    vit_classifier().save_pretrained(tmp_path / "dense")
+    model = script.main([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num_experts", "4", "--moe_layers", "2",
+                         "--drop_ratio", "0.25", "--check"])
+    assert "--check skipped" in capsys.readouterr().out
+    mlp = vit_classifier().vit.layers[2].mlp  # the same random weights (_randomize is seeded)
+    units = redrawn_units(model.vmoe.encoder.layer[2].mlp.experts, mlp.fc1, mlp.fc2)
+    assert [len(u) for u in units] == [16] * 4

@@ -114,13 +114,14 @@ def cmd_superclasses(args):
     if args.action == "from-confusion":
         cm = _load_matrix(args.path)
         names = _read_class_names(args.class_names)
+        ids, info = superclasses_from_confusion(cm, args.num_experts, seed=args.seed), None
     else:  # from-model
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         from .integrations.data import size_dict
         from .image_processing_vmoe import VMoEImageProcessor
-        from .recipes.superclasses import model_confusion_matrix
+        from .recipes.superclasses import HELDOUT_SPLIT_FILE, format_confusion_report, superclasses_from_model
 
         model = AutoModelForImageClassification.from_pretrained(args.model)
         try:
@@ -131,10 +132,15 @@ def cmd_superclasses(args):
         names = names or [model.config.id2label[i] for i in range(model.config.num_labels)]
         if len(names) != model.config.num_labels:
             raise SystemExit(f"the data set has {len(names)} classes but the model {model.config.num_labels}")
-        with torch.inference_mode():
-            cm = model_confusion_matrix(model, dataset, batch_size=args.batch_size, progress=True, soft=args.soft)
-    ids = superclasses_from_confusion(cm, args.num_experts, seed=args.seed)
-    save_superclasses(args.output, ids, names, confusion=cm)
+        with torch.inference_mode():  # the report's warning, if any, goes to the log (stderr)
+            ids, cm, report = superclasses_from_model(model, dataset, args.num_experts, batch_size=args.batch_size,
+                                                      seed=args.seed, progress=True, soft=args.soft)
+        print(format_confusion_report(report))
+        info = {"confusion_report": report}
+        heldout = Path(args.model) / HELDOUT_SPLIT_FILE  # the training images the dense run held out
+        if heldout.is_file():  # a MoE run given this map holds out the same images: both train on the same data
+            info["heldout"] = json.loads(heldout.read_text())
+    save_superclasses(args.output, ids, names, confusion=cm, info=info)
     for g, members in enumerate(superclass_groups(ids, names)):
         print(f"super-class {g} ({len(members)}): {', '.join(map(str, members))}")
     print(f"wrote {args.output}")

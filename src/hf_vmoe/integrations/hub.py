@@ -11,7 +11,8 @@ anything is written, locally or remotely.
 
 The card is built from the config: routing level, experts, k, MoE layers, total and active parameters (and FLOPs
 from `hf_vmoe.recipes.flops`), the super-class map, intended use, limitations and the citations of Mobile
-V-MoE (Daxberger et al. 2023) and ViMoE (Han et al. 2024). It says plainly when the weights are untrained.
+V-MoE (Daxberger et al. 2023) and ViMoE (Han et al. 2024). It says plainly when the weights are untrained. A
+dense config (no MoE block) gets a dense description: its width, parameters and FLOPs, no experts or routing.
 
 From the command line: `hf-vmoe card --preset mobile-vmoe-tiny --repo-id org/mobile-vmoe-tiny --out model_cards/...`
 """
@@ -157,11 +158,13 @@ SCRATCH = "scratch"  # trained_from=SCRATCH: the weights started from a random i
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
-def describe_origin(trained_from: str | None, upcycled: bool = False) -> tuple[str, str | None]:
+def describe_origin(trained_from: str | None, upcycled: bool = False, dense_epochs: float | None = None,
+                    total_epochs: float | None = None, drop_ratio: float = 0.0) -> tuple[str, str | None]:
     """(sentence, Hub id or None) saying where trained weights started from: `SCRATCH` ("scratch") = random
     initialisation; an existing local path is named without a link (it is not on the Hub); an `org/name` id is
     linked and returned for the card's `base_model`; None = not stated (empty sentence). `upcycled`: a dense
-    model whose MLP became every expert (else: fine-tuned from it)."""
+    model whose MLP became every expert (else: fine-tuned from it), after its `dense_epochs`, `total_epochs` in
+    all with this run's; `drop_ratio`: the share of each expert's hidden units re-initialised (drop-upcycling)."""
     if trained_from is None:
         return "", None
     if not isinstance(trained_from, str) or not trained_from.strip():
@@ -169,7 +172,14 @@ def describe_origin(trained_from: str | None, upcycled: bool = False) -> tuple[s
     if trained_from == SCRATCH:
         return "Trained from scratch (random initialisation).", None
     how = "Upcycled from the dense model {}" if upcycled else "Fine-tuned from {}"
-    detail = " (its weights copied, every expert a copy of its MLP)." if upcycled else "."
+    detail = "."
+    if upcycled:
+        copies = ("every expert a copy of its MLP" if not drop_ratio else
+                  f"every expert a copy of its MLP with a different {drop_ratio:.0%} of its hidden units re-initialised")
+        detail = f" (its weights copied, {copies})."
+        if dense_epochs is not None and total_epochs is not None:
+            detail += (f" The dense model had trained {dense_epochs:g} epochs: {total_epochs:g} epochs in all, "
+                       "the dense phase included.")
     if os.path.exists(trained_from) or not _HUB_ID.match(trained_from):
         return how.format(f"`{trained_from}`, a local checkpoint not on the Hub") + detail, None
     return how.format(f"[{trained_from}](https://huggingface.co/{trained_from})") + detail, trained_from
@@ -230,6 +240,9 @@ def build_model_card(
     extra_notes: str | None = None,
     trained_from: str | None = None,
     upcycled: bool = False,
+    dense_epochs: float | None = None,
+    total_epochs: float | None = None,
+    drop_ratio: float = 0.0,
     routing_health: Mapping | None = None,
     expert_load: Sequence[float] | None = None,
     training: Mapping | None = None,
@@ -240,7 +253,8 @@ def build_model_card(
     eval_results: `EvalResult`s or dicts {"dataset", "metric", "value"} -> the card's model-index.
     trained_from: with `trained_on`, where the training started from: "scratch" (`SCRATCH`, random initialisation),
     a checkpoint (a local path is named without a link; an `org/name` Hub id is linked and becomes `base_model`); `upcycled`: it was a dense
-    model whose MLP became the experts; None = not stated. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
+    model whose MLP became the experts, after its `dense_epochs` (`total_epochs` in all; `drop_ratio`: see
+    `describe_origin`); None = not stated. A dense config (no MoE block) gets a dense description. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
     `RouterStatsCallback.health`); expert_load: each expert's share of the routed items; training: a few
     hyperparameters, {name: value}, listed as they are.
     """
@@ -253,15 +267,19 @@ def build_model_card(
         raise ValueError("trained_from / routing_health / expert_load / training describe trained weights: pass "
                          "trained_on= to say what they were trained on")
     model_name = repo_id.split("/")[-1]
-    origin, origin_id = describe_origin(trained_from, upcycled) if trained_on else (None, None)
+    origin, origin_id = (describe_origin(trained_from, upcycled, dense_epochs, total_epochs, drop_ratio) if trained_on
+                         else (None, None))
     if base_model is None:
         base_model = origin_id
     arch = architecture_summary(config)
-    tags = ["vision", "image-classification", "mixture-of-experts", "vmoe", f"{config.routing_level}-routing"]
-    if config.routing_level == "image":
-        tags.append("mobile-vmoe")
-    if config.num_shared_experts:
-        tags.append("vimoe")
+    if config.is_moe:
+        tags = ["vision", "image-classification", "mixture-of-experts", "vmoe", f"{config.routing_level}-routing"]
+        if config.routing_level == "image":
+            tags.append("mobile-vmoe")
+        if config.num_shared_experts:
+            tags.append("vimoe")
+    else:
+        tags = ["vision", "image-classification", "vit", "vmoe", "dense"]
     data = ModelCardData(
         model_name=model_name,
         license=license,
@@ -315,11 +333,59 @@ def build_model_card(
         results_md += ("\n## Training\n\n| | |\n|---|---|\n"
                        + "\n".join(f"| {k} | {v} |" for k, v in training.items()) + "\n")
 
+    shape = (f"{config.num_hidden_layers} x {config.hidden_size} ViT, patch\n{config.patch_size}, "
+             f"{config.image_size} px")
+    if config.is_moe:
+        intro = (f"A sparse Vision Mixture-of-Experts Transformer ({shape}) from the `hf_vmoe` package, loadable "
+                 "with `transformers`.")
+        architecture_rows = (
+            f"| routing | {routing} |\n"
+            f"| experts per MoE block | {config.num_experts} (k = {config.num_experts_per_tok}), width "
+            f"{config.expert_intermediate_size} |\n"
+            f"| MoE blocks | {list(config.moe_layers)} of {config.num_hidden_layers} |\n"
+            f"| shared experts | {shared} |\n"
+            f"| parameters | {format_count(arch['total_params'])} total, {format_count(arch['active_params'])} active "
+            f"per {'image' if config.routing_level == 'image' else 'token'} "
+            f"({arch['total_params']:,} / {arch['active_params']:,}) |\n"
+            f"| FLOPs | {flops_line} |")
+        superclass_md = f"### Super-classes\n\n{superclass_summary(config)}\n"
+        router_outputs = (" `output_router_logits=True`\nreturns the router logits and `outputs.expert_counts`, the "
+                          "items each expert received (one row per router call).")
+        intended_use = (
+            "Image classification (and, through `VMoEBackbone` / `VMoEForSemanticSegmentation`, dense prediction) "
+            "where compute\nper image must stay small: "
+            + ("image-level routing runs only k experts per image, so an image costs what a dense ViT of the active "
+               "size costs, which suits on-device inference" if config.routing_level == "image"
+               else "token routing keeps per-token compute at k experts while total capacity grows with E")
+            + ".\nResearch on routing: specialisation of experts per class or super-class, how many MoE layers to use.")
+        routing_limitations = (
+            "- Routing is learned from the training data: images far from it may be sent to an expert that never "
+            "saw\n  anything like them; check `expert_counts` on your data.\n"
+            "- Image routing decides one expert set per image: small objects in cluttered scenes get the expert of "
+            "the\n  dominant content. Token routing avoids this at a higher active-parameter count.\n"
+            "- Training MoE models needs the balancing losses (`router_aux_loss_coef`, `router_z_loss_coef`); without "
+            "them\n  experts collapse.\n")
+    else:
+        intro = (f"A dense Vision Transformer ({shape}) from the `hf_vmoe` package, loadable with `transformers`:\nno "
+                 f"mixture of experts, every block has one MLP of width {config.intermediate_size}.")
+        flops_line = (f"{format_count(flops['flops'])} per image at inference ({format_count(flops['macs'])} MACs; "
+                      "analytic, `hf_vmoe.recipes.flops.count_flops`)")
+        architecture_rows = (
+            f"| blocks | {config.num_hidden_layers} dense blocks, hidden size {config.hidden_size}, MLP width "
+            f"{config.intermediate_size} |\n"
+            f"| parameters | {format_count(arch['total_params'])} ({arch['total_params']:,}), all active |\n"
+            f"| FLOPs | {flops_line} |")
+        superclass_md = ""
+        router_outputs = ""
+        intended_use = (
+            "Image classification, and the dense side of the Mobile V-MoE recipe: the baseline a sparse model is "
+            "compared with\nat equal active FLOPs, the model whose confusion matrix gives the super-classes, and the "
+            "weights an MoE is upcycled from.")
+        routing_limitations = ""
     body = f"""
 # {model_name}
 
-A sparse Vision Mixture-of-Experts Transformer ({config.num_hidden_layers} x {config.hidden_size} ViT, patch
-{config.patch_size}, {config.image_size} px) from the `hf_vmoe` package, loadable with `transformers`.
+{intro}
 
 {status}
 
@@ -327,18 +393,10 @@ A sparse Vision Mixture-of-Experts Transformer ({config.num_hidden_layers} x {co
 
 | | |
 |---|---|
-| routing | {routing} |
-| experts per MoE block | {config.num_experts} (k = {config.num_experts_per_tok}), width {config.expert_intermediate_size} |
-| MoE blocks | {list(config.moe_layers)} of {config.num_hidden_layers} |
-| shared experts | {shared} |
-| parameters | {format_count(arch['total_params'])} total, {format_count(arch['active_params'])} active per {'image' if config.routing_level == 'image' else 'token'} ({arch['total_params']:,} / {arch['active_params']:,}) |
-| FLOPs | {flops_line} |
+{architecture_rows}
 | labels | {config.num_labels} |
 
-### Super-classes
-
-{superclass_summary(config)}
-{results_md}
+{superclass_md}{results_md}
 ## How to use
 
 ```python
@@ -350,25 +408,16 @@ inputs = processor(images=image, return_tensors="pt")
 predicted = model(**inputs).logits.argmax(-1)
 ```
 
-With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed. `output_router_logits=True`
-returns the router logits and `outputs.expert_counts`, the items each expert received (one row per router call).
+With `pip install hf-vmoe` and `import hf_vmoe`, `trust_remote_code` is not needed.{router_outputs}
 
 ## Intended use
 
-Image classification (and, through `VMoEBackbone` / `VMoEForSemanticSegmentation`, dense prediction) where compute
-per image must stay small: {'image-level routing runs only k experts per image, so an image costs what a dense ViT of the active size costs, which suits on-device inference' if config.routing_level == 'image' else 'token routing keeps per-token compute at k experts while total capacity grows with E'}.
-Research on routing: specialisation of experts per class or super-class, how many MoE layers to use.
+{intended_use}
 
 ## Limitations
 
 - {status if not trained_on else 'Accuracy is only known for the evaluation listed on this card; other domains are untested.'}
-- Routing is learned from the training data: images far from it may be sent to an expert that never saw
-  anything like them; check `expert_counts` on your data.
-- Image routing decides one expert set per image: small objects in cluttered scenes get the expert of the
-  dominant content. Token routing avoids this at a higher active-parameter count.
-- Training MoE models needs the balancing losses (`router_aux_loss_coef`, `router_z_loss_coef`); without them
-  experts collapse.
-{('- ' + extra_notes) if extra_notes else ''}
+{routing_limitations}{('- ' + extra_notes) if extra_notes else ''}
 
 ## Citation
 

@@ -17,18 +17,25 @@ Users with known super-classes (CIFAR-100's 20 coarse classes, WordNet groups) s
 
 The partition is balanced spectral clustering from scipy's pieces: a spectral embedding of the normalised graph
 Laplacian, k-means++ seeding, then a minimum-cost matching of classes to group seats (`linear_sum_assignment`)
-alternated with centroid updates, best of several seeds. The matching makes balance a hard constraint for any E
+alternated with centroid updates, best of several seeds, refined by swaps of two classes between groups that
+raise the within-group similarity. The matching makes balance a hard constraint for any E
 (docs/mobile-vmoe-recipe.md says why not Kernighan-Lin, modularity communities or METIS).
+
+`superclasses_from_model` also reports the dense model's held-out top-1 and how many classes it predicts and
+confuses (`confusion_report`), and warns when the matrix is too sparse to partition (`CONFUSION_CHECKS`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Confusion matrix
@@ -198,11 +205,39 @@ def _balanced_assign(embedding: np.ndarray, centers: np.ndarray, sizes: list[int
     return assignment
 
 
+def _refine_by_swaps(sim: np.ndarray, assignment: np.ndarray, num_groups: int) -> np.ndarray:
+    """Swap two classes of different groups while a swap raises the within-group similarity, best swap first
+    (Kernighan-Lin style moves; a swap keeps every group's size). Gain of swapping i (group a) and j (group b):
+    `(S[i, b] - S[i, a]) + (S[j, a] - S[j, b]) - 2 S[i, j]`, with `S[i, g]` the similarity of i to group g."""
+    assignment = assignment.copy()
+    rows = np.arange(len(assignment))
+    to_group = sim @ np.eye(num_groups)[assignment]  # (n, G): similarity of each class to each group
+    tolerance = 1e-12 * max(sim.max(), 1e-300)
+    for _ in range(len(assignment) ** 2):  # each swap raises the score, so the loop ends; the bound caps its time
+        relative = to_group - to_group[rows, assignment][:, None]  # gain of moving i into group g, alone
+        by_member = relative[:, assignment]  # [i, j]: gain of moving i into j's group
+        gain = by_member + by_member.T - 2 * sim
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[i, j] <= tolerance:
+            break
+        a, b = assignment[i], assignment[j]
+        to_group[:, a] += sim[:, j] - sim[:, i]
+        to_group[:, b] += sim[:, i] - sim[:, j]
+        assignment[i], assignment[j] = b, a
+    return assignment
+
+
 def balanced_partition(similarity, num_groups: int, seed: int = 0, n_init: int = 10, max_iter: int = 50) -> list[int]:
     """Partition classes into `num_groups` groups whose sizes differ by at most one, keeping similar (confusable)
     classes together. `similarity` is a symmetric non-negative (num_classes x num_classes) matrix, e.g. from
     `similarity_graph`. Returns `superclass_ids` (class -> group in [0, num_groups)); group ids are ordered by
-    each group's smallest class id, so the result is deterministic for a given seed."""
+    each group's smallest class id, so the result is deterministic for a given seed.
+
+    Balanced k-means on the spectral embedding keeps blocks of classes confused among themselves together, but
+    with more tightly confused pairs than the embedding has dimensions (e.g. 10 pairs into 2 groups) it can
+    split a pair to meet the sizes. So the best of the `n_init` runs is refined by swaps: two classes of
+    different groups trade places while that raises the within-group similarity (sizes stay as they are); a
+    split pair whose partners could trade with another split pair is rejoined this way."""
     from scipy.cluster.vq import kmeans2
 
     sim = _check_square(similarity, "similarity")
@@ -236,7 +271,7 @@ def balanced_partition(similarity, num_groups: int, seed: int = 0, n_init: int =
         score = within_group_similarity(sim, assignment)
         if score > best_score + 1e-12:
             best, best_score = assignment, score
-    return _canonical(best)
+    return _canonical(_refine_by_swaps(sim, best, num_groups))
 
 
 def _canonical(assignment) -> list[int]:
@@ -250,12 +285,95 @@ def superclasses_from_confusion(cm, num_experts: int, seed: int = 0, normalize: 
     return balanced_partition(similarity_graph(cm, normalize=normalize), num_experts, seed=seed)
 
 
+# The file a run that holds out a share of its training images for the super-classes writes into its output folder
+# (the share, seed and counts); super-class maps built from that model carry it as `heldout`, so that a MoE run
+# given the map holds out the same images and trains on the same data as the dense model.
+HELDOUT_SPLIT_FILE = "superclass_heldout.json"
+
+# Thresholds of `confusion_report`, below which a confusion matrix is too sparse to partition meaningfully
+# (docs/mobile-vmoe-recipe.md says why these values).
+CONFUSION_CHECKS = {
+    "min_top1": 0.2,  # held-out top-1 floor: below it most errors are guesses, not similarity ...
+    "min_top1_over_chance": 2.0,  # ... and at least twice chance (1 / num_classes) when that is higher
+    "min_predicted_share": 0.5,  # the model's argmax must name at least half of the classes
+    "min_confused_share": 0.5,  # at least half of the classes must be confused with some other class
+}
+
+
+def confusion_report(cm, partitioned=None, checks: dict | None = None) -> dict:
+    """How far a dense model's confusion matrix can be trusted to build super-classes from.
+
+    `cm`: counts of the model's argmax predictions on the held-out images (true class x predicted class);
+    `partitioned`: the matrix the partition uses when it is another one (the soft confusion matrix; default `cm`);
+    `checks`: overrides of `CONFUSION_CHECKS`. Returns `num_images`, `num_classes`, `top1` (held-out accuracy),
+    `classes_predicted` (classes the argmax ever names), `classes_confused` (classes with a confusion to or from
+    another class in `partitioned`), `top1_floor`, and `problems`: each failed check in words (empty = fine).
+    A class no other class is confused with has no edge in the similarity graph, so the partition places it
+    only to balance the group sizes."""
+    checks = {**CONFUSION_CHECKS, **(checks or {})}
+    unknown = sorted(set(checks) - set(CONFUSION_CHECKS))
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; known are {sorted(CONFUSION_CHECKS)}")
+    cm = _check_square(cm, "confusion matrix")
+    partitioned = cm if partitioned is None else _check_square(partitioned, "partitioned matrix")
+    if partitioned.shape != cm.shape:
+        raise ValueError(f"partitioned matrix has shape {partitioned.shape}, the confusion matrix {cm.shape}")
+    n = cm.shape[0]
+    total = cm.sum()
+    top1 = float(np.trace(cm) / total) if total else 0.0
+    predicted = int((cm.sum(axis=0) > 0).sum())
+    off_diagonal = partitioned * (1 - np.eye(n))
+    confused = int(((off_diagonal.sum(axis=0) + off_diagonal.sum(axis=1)) > 0).sum())
+    floor = max(checks["min_top1"], checks["min_top1_over_chance"] / n)
+    problems = []
+    if top1 < floor:
+        problems.append(f"held-out top-1 {top1:.1%} is below {floor:.1%}, so most of its errors are guesses")
+    if predicted < checks["min_predicted_share"] * n:
+        problems.append(f"the model predicts only {predicted} of {n} classes "
+                        f"(fewer than {checks['min_predicted_share']:.0%})")
+    if confused < checks["min_confused_share"] * n:
+        problems.append(f"only {confused} of {n} classes are ever confused with another class "
+                        f"(fewer than {checks['min_confused_share']:.0%}); the others are placed only to balance sizes")
+    return {"num_images": int(round(total)), "num_classes": n, "top1": top1, "classes_predicted": predicted,
+            "classes_confused": confused, "top1_floor": floor, "problems": problems}
+
+
+def format_confusion_report(report: dict) -> str:
+    """One line: the dense model's held-out top-1 and how many classes it predicts and confuses."""
+    return (f"dense model on {report['num_images']} held-out images: top-1 {report['top1']:.1%}, predicts "
+            f"{report['classes_predicted']} of {report['num_classes']} classes, "
+            f"{report['classes_confused']} classes confused with another")
+
+
+def log_confusion_report(report: dict) -> None:
+    """Log the report (INFO) and, when a check failed, a WARNING that says what to do."""
+    logger.info("super-classes: %s", format_confusion_report(report))
+    if report["problems"]:
+        logger.warning(
+            "super-classes: the confusion matrix is too sparse to partition meaningfully: %s. Train the dense model "
+            "longer, hold out more images (a larger held-out share or folder), or partition the soft confusion "
+            "matrix (soft=True; `hf-vmoe superclasses from-model --soft`); thresholds in CONFUSION_CHECKS, "
+            "docs/mobile-vmoe-recipe.md",
+            "; ".join(report["problems"]))
+
+
 def superclasses_from_model(model, dataset, num_experts: int, batch_size: int = 64, collate_fn=None,
-                            seed: int = 0, progress: bool = False, soft: bool = False) -> tuple[list[int], np.ndarray]:
-    """A trained (dense) classifier and a held-out dataset -> (superclass_ids, confusion matrix)."""
-    cm = model_confusion_matrix(model, dataset, batch_size=batch_size, collate_fn=collate_fn, progress=progress,
-                                soft=soft)
-    return superclasses_from_confusion(cm, num_experts, seed=seed), cm
+                            seed: int = 0, progress: bool = False, soft: bool = False,
+                            device=None) -> tuple[list[int], np.ndarray, dict]:
+    """A trained (dense) classifier and a held-out dataset -> (superclass_ids, the confusion matrix partitioned,
+    `confusion_report`). The report (held-out top-1, classes predicted and confused) is logged, with a warning when
+    the matrix is too sparse to partition meaningfully. `soft=True` partitions the soft confusion matrix; the
+    report's top-1 and predicted classes still come from the argmax."""
+    if soft:
+        labels, predictions, probs = predict(model, dataset, batch_size, collate_fn, device, progress,
+                                             return_probs=True)
+    else:
+        labels, predictions = predict(model, dataset, batch_size, collate_fn, device, progress)
+    hard = confusion_matrix(labels, predictions, model.config.num_labels)
+    cm = soft_confusion_matrix(labels, probs) if soft else hard
+    report = confusion_report(hard, cm)
+    log_confusion_report(report)
+    return superclasses_from_confusion(cm, num_experts, seed=seed), cm, report
 
 
 def set_superclasses(config, superclass_ids: Sequence[int], train_routing: str | None = None):
@@ -400,10 +518,11 @@ def superclass_groups(superclass_ids: Sequence[int], class_names: Sequence[str] 
 
 
 def save_superclasses(path, superclass_ids: Sequence[int], class_names: Sequence[str] | None = None,
-                      confusion: np.ndarray | None = None) -> str:
+                      confusion: np.ndarray | None = None, info: dict | None = None) -> str:
     """Write the super-classes as JSON (`superclass_ids`, and per group its class ids and names; optionally the
-    confusion matrix it came from) or, for a `.csv` path, a `class_id,class_name,superclass` table. Both read back
-    with `load_superclass_map`."""
+    confusion matrix it came from, and `info`: more JSON fields, e.g. the `confusion_report` and the held-out
+    split) or, for a `.csv` path, a `class_id,class_name,superclass` table (without `confusion` and `info`). Both
+    read back with `load_superclass_map`."""
     path = os.fspath(path)
     ids = [int(s) for s in superclass_ids]
     names = list(class_names) if class_names is not None else [str(c) for c in range(len(ids))]
@@ -421,7 +540,7 @@ def save_superclasses(path, superclass_ids: Sequence[int], class_names: Sequence
          "classes": [names[c] for c, s in enumerate(ids) if s == g]}
         for g in range(max(ids) + 1 if ids else 0)
     ]
-    data = {"num_superclasses": len(groups), "superclass_ids": ids, "groups": groups}
+    data = {"num_superclasses": len(groups), "superclass_ids": ids, "groups": groups, **(info or {})}
     if confusion is not None:
         confusion = np.asarray(confusion)
         data["confusion_matrix"] = (confusion.astype(int) if np.issubdtype(confusion.dtype, np.integer)
@@ -442,6 +561,11 @@ __all__ = [
     "balanced_partition",
     "superclasses_from_confusion",
     "superclasses_from_model",
+    "CONFUSION_CHECKS",
+    "HELDOUT_SPLIT_FILE",
+    "confusion_report",
+    "format_confusion_report",
+    "log_confusion_report",
     "set_superclasses",
     "load_superclass_map",
     "superclass_groups",

@@ -9,6 +9,10 @@ scale, final norm, classification head). In each block chosen as an MoE block th
   one per expert, each with ``intermediate_size / num_experts`` units; the slices' outputs are scaled by
   ``num_experts`` so that a uniform router over all experts gives back the dense MLP.
 
+``drop_ratio`` (Drop-Upcycling, Nakamura et al., ICLR 2025) then re-initialises a share of each expert's hidden
+units, a different random subset per expert, so experts start diverse instead of identical (see
+:func:`drop_upcycle_experts`).
+
 With ``num_shared_experts > 0`` the shared expert is initialised from the dense MLP too, and the routed and shared
 outputs are both halved (their ``down_proj`` / ``fc2`` weights and biases), so that shared + routed = dense.
 
@@ -250,7 +254,8 @@ def _position_embeddings(dense_base: nn.Module, config: VMoEConfig, drop_distill
 
 
 def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_init: str, scale: float,
-                    noise_std: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+                    noise_std: float, generator: torch.Generator | None,
+                    drop_ratio: float = 0.0) -> dict[str, torch.Tensor]:
     """Stacked (E, out, in) expert weights from a dense fc1/fc2 pair."""
     num_experts = config.num_experts
     w1, b1 = fc1.weight.detach(), fc1.bias.detach()
@@ -270,6 +275,7 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
     if noise_std > 0:
         for name in ("up_proj", "down_proj"):
             tensors[name] = _perturb(tensors[name], noise_std, generator)
+    tensors = drop_upcycle_experts(tensors, drop_ratio, generator)
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
@@ -280,6 +286,51 @@ def _perturb(value: torch.Tensor, noise_std: float, generator: torch.Generator |
     reference_std = value.std() if reference_std is None else reference_std
     noise = torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
     return value + noise * noise_std * reference_std
+
+
+def check_drop_ratio(drop_ratio) -> float:
+    """`drop_ratio` as a float, or a ValueError naming it when it is not a number in [0, 1]."""
+    if isinstance(drop_ratio, bool) or not isinstance(drop_ratio, (int, float)) or not 0.0 <= drop_ratio <= 1.0:
+        raise ValueError(f"drop_ratio must be a number in [0, 1] (the share of each expert's hidden units to "
+                         f"re-initialise), got {drop_ratio!r}")
+    return float(drop_ratio)
+
+
+def _redraw(reference: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Normal draws with `reference`'s mean and std (drawn on the CPU, where `generator` lives)."""
+    values = torch.randn(shape, generator=generator, dtype=torch.float32)
+    mean, std = reference.float().mean(), reference.float().std(correction=0)
+    return (values * std + mean).to(reference.dtype).to(reference.device)
+
+
+def drop_upcycle_experts(experts: dict[str, torch.Tensor], drop_ratio: float,
+                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): in each expert, re-initialise `round(drop_ratio * width)` of its
+    hidden units, a different random subset per expert; everything else stays as it is.
+
+    `experts` holds stacked expert tensors, `up_proj` (E, width, hidden), `up_proj_bias` (E, width) and
+    `down_proj` (E, hidden, width) (`down_proj_bias` is per output, not per hidden unit, and is kept). A
+    re-initialised unit gets new rows of `up_proj` and `up_proj_bias` and a new column of `down_proj`, drawn from
+    a normal distribution with the mean and std of that expert's matrix before the drop (for copies: the dense
+    matrix's statistics), as the paper does. We follow the paper rather than the model's initialiser
+    (`_init_weights`: truncated normal of std `initializer_range`, zero biases) because training moves each
+    matrix's scale away from the initialiser's, layer by layer, and a unit drawn at another scale than the kept
+    ones would start too loud or nearly silent beside them. Experts thus start diverse (a different subset each) while keeping most of the
+    dense knowledge. `generator` seeds the subsets and the draws. Returns new tensors; `drop_ratio=0` returns
+    `experts` unchanged."""
+    drop_ratio = check_drop_ratio(drop_ratio)
+    up, up_bias, down = experts["up_proj"], experts["up_proj_bias"], experts["down_proj"]
+    num_experts, width = up_bias.shape
+    count = round(drop_ratio * width)
+    if count == 0:
+        return experts
+    up, up_bias, down = up.clone(), up_bias.clone(), down.clone()
+    for e in range(num_experts):
+        units = torch.randperm(width, generator=generator)[:count].to(up.device)
+        up[e, units] = _redraw(experts["up_proj"][e], (count, up.shape[2]), generator)
+        up_bias[e, units] = _redraw(experts["up_proj_bias"][e], (count,), generator)
+        down[e][:, units] = _redraw(experts["down_proj"][e], (down.shape[1], count), generator)
+    return {**experts, "up_proj": up, "up_proj_bias": up_bias, "down_proj": down}
 
 
 def _shared_expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, scale: float) -> dict[str, torch.Tensor]:
@@ -303,8 +354,12 @@ def upcycled_state_dict(
     expert_noise_std: float = 0.0,
     drop_distillation_token: bool = False,
     generator: torch.Generator | None = None,
+    drop_ratio: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The VMoE base-model weights (keys as in `VMoEModel`, routers excluded) made from a dense model."""
+    """The VMoE base-model weights (keys as in `VMoEModel`, routers excluded) made from a dense model.
+    `drop_ratio`: share of each expert's hidden units re-initialised (`drop_upcycle_experts`; the shared expert
+    stays a copy); `generator` seeds it and the expert noise."""
+    drop_ratio = check_drop_ratio(drop_ratio)
     base, _, _ = _base_and_head(dense)
     drop = dense.config.model_type == "deit" and drop_distillation_token
     emb = base.embeddings
@@ -337,7 +392,8 @@ def upcycled_state_dict(
                 state[f"{prefix}mlp.{name}.weight"] = module.weight.detach().clone()
                 state[f"{prefix}mlp.{name}.bias"] = module.bias.detach().clone()
             continue
-        for name, value in _expert_tensors(fc1, fc2, config, expert_init, scale, expert_noise_std, generator).items():
+        for name, value in _expert_tensors(fc1, fc2, config, expert_init, scale, expert_noise_std, generator,
+                                           drop_ratio).items():
             state[f"{prefix}mlp.experts.{name}"] = value
         if shared:
             for name, value in _shared_expert_tensors(fc1, fc2, config, scale).items():
@@ -353,6 +409,7 @@ def upcycle(
     image_size: int | tuple[int, int] | None = None,
     drop_distillation_token: bool = False,
     seed: int | None = None,
+    drop_ratio: float = 0.0,
     **moe_kwargs,
 ) -> PreTrainedModel:
     """Convert a dense transformers ViT / DeiT / DINOv2 model into a VMoE model that computes the same function.
@@ -371,7 +428,10 @@ def upcycle(
             are resampled to it with the dense model's own interpolation, so the upcycled model at this size equals
             the dense model at this size (DINOv2 always interpolates; ViT/DeiT with `interpolate_pos_encoding=True`).
         drop_distillation_token: DeiT only; see the module docstring.
-        seed: seeds the routers' random initialisation and the expert noise.
+        seed: seeds the routers' random initialisation, the expert noise and the drop-upcycling draws.
+        drop_ratio: share of each expert's hidden units re-initialised, a different random subset per expert
+            (Drop-Upcycling, :func:`drop_upcycle_experts`); 0 = plain copies. Above 0 the model no longer computes
+            the dense function.
         **moe_kwargs: `VMoEConfig` MoE fields (`routing_level`, `num_experts`, `num_experts_per_tok`, `moe_layers`,
             `num_shared_experts`, `router_aux_loss_coef`, ...), labels (`id2label`, `num_labels`) and backbone
             fields (`out_indices`). `normalize_router_weights` defaults to True (needed for an exact copy).
@@ -388,6 +448,7 @@ def upcycle(
         raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
     if expert_noise_std < 0:
         raise ValueError(f"expert_noise_std must be >= 0, got {expert_noise_std}")
+    drop_ratio = check_drop_ratio(drop_ratio)
     _check_supported(dense, drop_distillation_token)
     base, classifier, head_kind = _base_and_head(dense)
     if task == "auto":
@@ -426,7 +487,8 @@ def upcycle(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model = _TASK_CLASSES[task](config)
     vmoe_base = model if task in ("base", "backbone") else model.vmoe
-    state = upcycled_state_dict(dense, config, expert_init, expert_noise_std, drop_distillation_token, generator)
+    state = upcycled_state_dict(dense, config, expert_init, expert_noise_std, drop_distillation_token, generator,
+                                drop_ratio)
     dtype = next(vmoe_base.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     missing, unexpected = vmoe_base.load_state_dict(state, strict=False)
@@ -466,14 +528,17 @@ _DENSE_TO_EXPERT = {"fc1.weight": "experts.up_proj", "fc1.bias": "experts.up_pro
 
 
 def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_std: float = 0.0,
-                            seed: int | None = None) -> nn.Module:
+                            seed: int | None = None, drop_ratio: float = 0.0) -> nn.Module:
     """Initialise a VMoE (MoE) model from a trained dense VMoE twin (same shapes, `moe_layers="none"`): every
     weight is copied and, in each MoE block, every expert becomes a copy of the dense MLP (sparse upcycling);
     routers keep their fresh initialisation. `noise_std` (relative to each dense weight's std) perturbs the copies'
     weight matrices so experts can diverge. With `normalize_router_weights=True` and k=1 the result computes the
-    dense function. For transformers ViT / DeiT / DINOv2 checkpoints use :func:`upcycle`. Returns `moe_model`."""
+    dense function. `drop_ratio` re-initialises that share of each expert's hidden units, a different random
+    subset per expert (Drop-Upcycling, :func:`drop_upcycle_experts`); `seed` seeds the noise and the drop. For
+    transformers ViT / DeiT / DINOv2 checkpoints use :func:`upcycle`. Returns `moe_model`."""
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    drop_ratio = check_drop_ratio(drop_ratio)
     dense_state = dense_model.state_dict()
     target = moe_model.state_dict()
     new_state = {}
@@ -497,8 +562,13 @@ def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_
     missing = [k for k in target if k not in new_state and "router" not in k]
     if missing:
         raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE model")
+    for prefix in sorted({k.rpartition(".experts.")[0] for k in new_state if ".mlp.experts." in k}):
+        block = {name: new_state[f"{prefix}.experts.{name}"] for name in ("up_proj", "up_proj_bias", "down_proj")}
+        for name, value in drop_upcycle_experts(block, drop_ratio, generator).items():
+            new_state[f"{prefix}.experts.{name}"] = value
     moe_model.load_state_dict(new_state, strict=False)
     return moe_model
 
 
-__all__ = ["upcycle", "upcycled_state_dict", "vmoe_config_from_dense", "load_dense_model", "init_experts_from_dense"]
+__all__ = ["upcycle", "upcycled_state_dict", "vmoe_config_from_dense", "load_dense_model", "init_experts_from_dense",
+           "drop_upcycle_experts", "check_drop_ratio"]
