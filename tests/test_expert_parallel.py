@@ -1,4 +1,4 @@
-"""Expert parallelism (issue 11, point 7): `from_pretrained(..., distributed_config=DistributedConfig(ep_size=2))`
+"""Expert parallelism: `from_pretrained(..., distributed_config=DistributedConfig(ep_size=2))`
 shards the experts of a token-routed VMoE over 2 CPU processes (gloo), and the outputs equal the single-process
 model's.
 
@@ -16,7 +16,7 @@ How transformers 5.24 runs it (read in `transformers/distributed/`, tried on CPU
   and transformers refuses `tp_size>1` with an empty one (`mixin.py`, `_resolve_parallel_plans`), so the
   shared-batch test names one no-op rule (`"replicate"` on the final layer norm).
 
-Until the plan is declared these tests are expected to fail (xfail, not strict); once it is, they must pass.
+The plan is declared by `VMoEConfig.base_model_ep_plan`: a missing plan fails these tests.
 """
 
 import os
@@ -52,19 +52,11 @@ def token_config(**overrides):
     return tiny_config(**kwargs)
 
 
-def _plan_declared() -> bool:
-    return bool(VMoEForImageClassification(token_config()).ep_plan)
-
-
-not_declared = pytest.mark.xfail(not _plan_declared(), strict=False, reason="plan not yet declared")
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The declared plan (in process)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@not_declared
 def test_ep_plan_declared_for_token_routing():
     config = token_config()
     assert VMoEModel(config).ep_plan == BASE_EP_PLAN
@@ -78,12 +70,11 @@ def test_ep_plan_declared_for_token_routing():
             assert f"vmoe.{key}".replace("*", str(layer)) in names, key
 
 
-@not_declared
 def test_no_ep_plan_for_image_routing():
     """Image routing runs `experts.forward_images` on the full stacked weights, which EP does not wrap: sharding them
     would fail inside the forward ("aten.addmm.default got mixed torch.Tensor and DTensor"). Without a plan,
     `ep_size>1` is refused at load by transformers ("... has no `ep_plan`")."""
-    assert _plan_declared()
+    assert VMoEForImageClassification(token_config()).ep_plan  # declared for token routing
     assert not VMoEForImageClassification(tiny_config(routing_level="image")).ep_plan
 
 
@@ -195,7 +186,6 @@ def _check(reports, config, backends):
         assert report["grads_finite"], report
 
 
-@not_declared
 @pytest.mark.slow
 def test_expert_parallel_data_parallel_ranks_match_single_process():
     """DistributedConfig(fsdp_size=2, ep_size=2): each rank its own (uneven) batch, tokens exchanged with
@@ -205,7 +195,6 @@ def test_expert_parallel_data_parallel_ranks_match_single_process():
     _check(reports, config, BACKENDS)
 
 
-@not_declared
 @pytest.mark.slow
 def test_expert_parallel_shared_batch_matches_single_process():
     """DistributedConfig(tp_size=2, ep_size=2): both ranks hold the same batch; at inference transformers' default
