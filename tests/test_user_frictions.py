@@ -161,7 +161,8 @@ def test_collapsed_routing_warns_once_per_evaluation_with_knobs(tmp_path, caplog
     message = warnings[0].getMessage()
     assert "routing health" in message and "unhealthy" in message
     assert "2.40x" in message and "0.00x" in message and "super-class accuracy 0.300" in message
-    for knob in ("router_aux_loss_coef (now 0.01)", "superclass_loss_coef", "--warmup_ratio", "capacity_factor"):
+    for knob in ("router_aux_loss_coef (now 0.01)", "router_bias_update_rate=1e-3", "superclass_loss_coef",
+                 "--warmup_ratio", "capacity_factor"):
         assert knob in message, knob
     assert callback.health["status"] == "unhealthy" and len(callback.health["problems"]) == 3
     assert callback.health["expert_load_max"] == pytest.approx(2.4)

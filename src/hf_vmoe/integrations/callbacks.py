@@ -34,7 +34,7 @@ Routing health. After every evaluation the callback checks the evaluation's rout
 
 It logs one line per evaluation through the `hf_vmoe.integrations.callbacks` logger: INFO "routing health: ok ..." or, when a
 threshold is crossed, a WARNING naming each problem and the knobs that help: the balancing loss
-(`router_aux_loss_coef`), the super-class loss weight (`superclass_loss_coef`), a learning-rate warm-up
+(`router_aux_loss_coef`) or loss-free balancing (`router_bias_update_rate`), the super-class loss weight (`superclass_loss_coef`), a learning-rate warm-up
 (`--warmup_ratio` / `--warmup_steps`, so the router does not lock in early) and an expert capacity
 (`capacity_factor`). `callback.health` keeps the last check (`routing_health` computes it from any metrics dict).
 """
@@ -87,6 +87,9 @@ def routing_health(metrics: dict, prefix: str = "eval_", config=None, max_load: 
         problems.append(f"router super-class accuracy {accuracy:.3f} (< {min_superclass_accuracy:g})")
         knobs.append(f"raise the super-class loss weight superclass_loss_coef (now {now('superclass_loss_coef')})")
     if load_bad:
+        if not now("router_bias_update_rate", 0):
+            knobs.append("balance without a loss weight: router_bias_update_rate=1e-3 (loss-free balancing, top-k "
+                         "routers; RouterBiasUpdateCallback applies it)")
         knobs.append(f"raise the balancing loss router_aux_loss_coef (now {now('router_aux_loss_coef')})")
         knobs.append(f"set an expert capacity capacity_factor, e.g. 1.25 (now {now('capacity_factor')})")
     if problems:
