@@ -139,7 +139,9 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         router_aux_loss_layer_reduction (`str`): how the losses of the router calls combine: `"mean"` or `"sum"`
             (V-MoE).
         expert_dispatch_dtype (`str`, optional): `"bfloat16"` rounds every expert's input and output through
-            bfloat16 and sums the weighted outputs in float32 (V-MoE's `dispatcher.bfloat16`); None = no rounding.
+            bfloat16 and sums the weighted outputs in float32 (V-MoE's `dispatcher.bfloat16`); for Soft MoE the
+            tokens before they are mixed into slots and the slot outputs before they are mixed back (vmoe's Soft
+            MoE dispatcher); None = no rounding.
         output_router_logits (`bool`): return router logits and routing statistics in the outputs (the aux loss is
             computed and added to `loss` whenever the model trains or gets labels, whatever this says).
         superclass_ids (`list[int]`, optional): length `num_labels`, class -> super-class in [0, num_experts).
