@@ -10,7 +10,10 @@ own sharded checkpoint writer, converts it with `hf_vmoe.integrations.convert_vm
 * batches that are not whole routing groups: vmoe's evaluator pads its last batch with all-zero examples, hf_vmoe's
   `router_group_remainder="pad"` (set by the converter) does the same;
 * training with router noise: the noise samples differ, so hf_vmoe's `aux_loss` is checked against vmoe's own loss
-  functions (importance and load loss) applied to the clean and noisy logits of hf_vmoe's forward.
+  functions (importance and load loss) applied to the clean and noisy logits of hf_vmoe's forward;
+* expert choice (vmoe's `NoisyTopItemsPerExpertRouter`) and Soft MoE (vmoe's `SoftRouter`), in inference and training
+  without noise: logits, the tokens each expert took in each group (expert choice), the dispatch and combine weights
+  (Soft MoE), and no auxiliary loss.
 
 `Case.needs` names the parity options of VMoEConfig a case exercises (docs/vmoe-parity-spec.md §10); every one
 exists now, so every case is an ordinary test. The whole module skips when the reference code or jax is absent.
