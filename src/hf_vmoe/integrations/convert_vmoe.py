@@ -439,48 +439,44 @@ def infer_vmoe_architecture(params: Mapping) -> dict:
         if "query_ln" in block["SelfAttention"] or "key_ln" in block["SelfAttention"]:
             raise ValueError("the checkpoint normalises queries and keys (attention_qk_norm=True), which hf_vmoe lacks")
         heads.add(q[1])
-        if "Moe" in block and isinstance(block["Moe"].get("Router"), Mapping) and (
-                {"mu", "scale"} & set(block["Moe"]["Router"])):
+        if "Moe" in block:
             moe = block["Moe"]
-            mu = _shape(moe, "Router", "mu")
-            scale = _shape(moe, "Router", "scale")
-            if len(mu) != 3 or mu[0] != hidden or scale not in ((), (1,)):
-                raise ValueError(f"encoderblock_{b}/Moe/Router has mu {mu} and scale {scale}: a Soft MoE router needs "
-                                 f"mu ({hidden}, E, slots) and a scalar scale")
-            extra = sorted(set(moe["Router"]) - {"mu", "scale"})
-            if extra:
-                raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides Soft MoE's mu and scale")
+            if isinstance(moe.get("Router"), Mapping) and {"mu", "scale"} & set(moe["Router"]):  # Soft MoE
+                mu = _shape(moe, "Router", "mu")
+                scale = _shape(moe, "Router", "scale")
+                if len(mu) != 3 or mu[0] != hidden or scale not in ((), (1,)):
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has mu {mu} and scale {scale}: a Soft MoE router "
+                                     f"needs mu ({hidden}, E, slots) and a scalar scale")
+                extra = sorted(set(moe["Router"]) - {"mu", "scale"})
+                if extra:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides Soft MoE's mu and "
+                                     "scale")
+                router_experts = mu[1]
+                router_params.add("soft")
+                slots.add(mu[2])
+            else:
+                router = _shape(moe, "Router", "dense", "kernel")
+                if len(router) == 3:
+                    raise ValueError(
+                        f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}: an E^3 ensemble router "
+                        "(VisionTransformerMoeEnsemble, ensemble_size members); hf_vmoe has no ensemble routing, so "
+                        "E^3 checkpoints cannot be converted"
+                    )
+                if len(router) != 2 or router[0] != hidden:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}, expected "
+                                     f"({hidden}, E)")
+                extra = sorted(set(moe["Router"]) - {"dense"})
+                if extra:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides 'dense': neither "
+                                     "a noisy top-k / top-items router (dense) nor Soft MoE (mu, scale)")
+                router_experts = router[1]
+                router_params.add("dense")
             up = _shape(moe, "Mlp", "Dense_0", "kernel")
-            if len(up) != 3 or up[0] != mu[1] or up[1] != hidden:
+            if len(up) != 3 or up[0] != router_experts or up[1] != hidden:
                 raise ValueError(f"encoderblock_{b}/Moe/Mlp/Dense_0/kernel has shape {up}, expected "
-                                 f"({mu[1]}, {hidden}, mlp_dim)")
+                                 f"({router_experts}, {hidden}, mlp_dim)")
             experts.add(up[0])
             expert_dims.add(up[2])
-            router_params.add("soft")
-            slots.add(mu[2])
-            moe_layers.append(b)
-        elif "Moe" in block:
-            moe = block["Moe"]
-            router = _shape(moe, "Router", "dense", "kernel")
-            if len(router) == 3:
-                raise ValueError(
-                    f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}: an E^3 ensemble router "
-                    "(VisionTransformerMoeEnsemble, ensemble_size members); hf_vmoe has no ensemble routing, so "
-                    "E^3 checkpoints cannot be converted"
-                )
-            if len(router) != 2 or router[0] != hidden:
-                raise ValueError(f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}, expected ({hidden}, E)")
-            extra = sorted(set(moe["Router"]) - {"dense"})
-            if extra:
-                raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides 'dense': neither a "
-                                 "noisy top-k / top-items router (dense) nor Soft MoE (mu, scale)")
-            up = _shape(moe, "Mlp", "Dense_0", "kernel")
-            if len(up) != 3 or up[0] != router[1] or up[1] != hidden:
-                raise ValueError(f"encoderblock_{b}/Moe/Mlp/Dense_0/kernel has shape {up}, expected "
-                                 f"({router[1]}, {hidden}, mlp_dim)")
-            experts.add(up[0])
-            expert_dims.add(up[2])
-            router_params.add("dense")
             moe_layers.append(b)
         elif "Mlp" in block:
             mlp_dims.add(_shape(block, "Mlp", "Dense_0", "kernel")[1])
