@@ -767,11 +767,11 @@ class VMoEExpertChoiceRouter(VMoERouter):
         num_items, num_experts = gates.shape
         factor = self.capacity_factor() or self.config.capacity_factor or 1.0
         if self.config.router_group_size is None and not self.training:
-            groups = (hidden_states.shape[0], hidden_states.shape[1], 0)  # each image alone
+            grouping = (hidden_states.shape[0], hidden_states.shape[1], 0)  # each image alone
         else:
-            groups = self.groups(num_items)
+            grouping = self.groups(num_items)
         token_parts, weight_parts, start = [], [], 0
-        for part in group_parts(gates, groups):  # (g, n, E); a last partial group: its own C
+        for part in group_parts(gates, grouping):  # (g, n, E); a last partial group: its own C
             groups, group_size, _ = part.shape
             capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
             top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
@@ -1130,7 +1130,8 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     `batch_size` images, by component. The batch matters for expert choice with `router_group_size` (its capacity
     is per routing group; without a group size it routes each image alone at inference) and for
     `router_group_remainder="pad"`, whose padding images run every block (their share is counted, spread over the
-    real images; they skip the classifier). Soft MoE's L2 normalisations and scale are elementwise, like layer
+    real images; they skip the classifier). Training groups expert choice's tokens over the batch when no group size
+    is set; this counts inference's per-image groups (the capacities differ only by rounding). Soft MoE's L2 normalisations and scale are elementwise, like layer
     norms: not counted; its router is the (tokens x H) by (H x E * P) logits matmul."""
     h, c = config.hidden_size, config.num_channels
     ph, pw = to_pair(config.patch_size)
