@@ -3,7 +3,9 @@ own Flax modules (../shared/ref) and through hf_vmoe after conversion: inference
 batches that are not whole routing groups (mode `eval-padded`: vmoe on the batch padded with zero images as its
 evaluator pads, hf_vmoe on the real images with `router_group_remainder="pad"`), and training with router noise
 (mode `train-noise`: hf_vmoe's aux_loss against vmoe's own loss functions on hf_vmoe's clean and noisy logits,
-since the noise samples differ; no logits compared).
+since the noise samples differ; no logits compared), and the expert-choice and Soft MoE routers (vmoe's
+`NoisyTopItemsPerExpertRouter` and `SoftRouter`: for expert choice the (group, expert) pairs whose picked tokens
+differ, for Soft MoE the largest difference of the dispatch and combine weights).
 
 Writes benchmarks/results/vmoe_parity.json and .md: per configuration, the max |logit difference| relative to the
 logit scale, tokens whose chosen experts differ, tokens whose dropped choices differ, the reference's dropped
@@ -78,6 +80,15 @@ def measure_noisy(case, tmp: str) -> dict:
     return row
 
 
+def measure_router(case, tmp: str, train: bool) -> dict:
+    row = {"case": case.name, "mode": "train" if train else "eval", "needs": list(case.needs)}
+    try:
+        row.update(parity.compare_router(case, tmp, train=train))
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return row
+
+
 def main() -> int:
     reason = ref.skip_reason()
     if reason:
@@ -93,6 +104,10 @@ def main() -> int:
             rows.append(measure_padded(case, images, tmp))
         for case in parity.NOISY_CASES:
             rows.append(measure_noisy(case, tmp))
+        for case in parity.ROUTER_CASES:
+            rows.append(measure_router(case, tmp, train=False))
+        for case in parity.ROUTER_CASES:
+            rows.append(measure_router(case, tmp, train=True))
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     payload = {"date": dt.date.today().isoformat(), "tolerance": parity.RTOL,
@@ -103,6 +118,11 @@ def main() -> int:
     for r in rows:
         if "error" in r:
             cells = [r["case"], r["mode"], "—", r["error"], "—", "—"]
+        elif "picks" in r:  # expert choice and Soft MoE
+            routing = (f"{r['picks_differ']} of {r['picks']} (group, expert) picks" if r["picks"]
+                       else f"dispatch / combine weights within {r['max_weight_diff']:.1e}")
+            aux = f"{r['aux_loss']:.6f} / {r['vmoe_auxiliary_loss']:.6f}" if r["mode"] == "train" else "—"
+            cells = [r["case"], r["mode"], f"{r['max_rel_logit_diff']:.1e}", routing, "—", aux]
         elif r["mode"] == "train-noise":
             cells = [r["case"], r["mode"], "—", "— (noise samples differ)", "—",
                      f"{r['aux_loss']:.6f} / {r['vmoe_auxiliary_loss']:.6f} (vmoe's formulas)"]

@@ -101,7 +101,7 @@ INVALID = [
     (dict(layerscale_value="1e-5"), "Field 'layerscale_value' with value '1e-5'"),
     (dict(router_type="switch", routing_level="token"), "router_type must be one of ('top_k', 'expert_choice', 'soft'), got 'switch'"),
     (dict(router_type="expert_choice"), "router_type='expert_choice' routes tokens: it needs routing_level='token'"),
-    (dict(router_type="soft", routing_level="token", num_slots=0), "num_slots must be a positive integer, got 0"),
+    (dict(router_type="soft", routing_level="token", num_slots=0), "num_slots must be a positive integer or None, got 0"),
     (dict(router_group_size=17), "router_group_size=17 groups tokens: it needs routing_level='token'"),
     (dict(router_group_size=0, routing_level="token"), "router_group_size must be None or a positive integer, got 0"),
     (dict(capacity_multiple_of=0), "capacity_multiple_of must be None or a positive integer, got 0"),

@@ -7,6 +7,7 @@ msgpack decoding and the preset mapping are also tested on hand-made files, with
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -613,3 +614,83 @@ def test_architecture_errors_name_the_parameter():
     tree["Encoder"]["posembed_input"]["pos_embedding"] = np.zeros((1, 10, 16))
     with pytest.raises(ValueError, match="no classification head"):
         infer_vmoe_architecture(tree)
+
+
+# -- Soft MoE and expert choice ------------------------------------------------------------------------------------
+
+
+def _soft(**overrides):
+    kwargs = dict(router=ref.SOFT, moe_layers=(1, 3), capacity_factor=1.0, group_size=9, classifier="gap")
+    kwargs.update(overrides)
+    config = ref.model_config(**kwargs)
+    return config, ref.init_params(config, image_size=IMAGE, batch=BATCH)
+
+
+@needs_reference
+@pytest.mark.parametrize("slots", [None, 3], ids=["slots-from-capacity", "num_slots"])
+def test_soft_moe_tree_round_trips_through_the_conversion(slots, tmp_path):
+    """vmoe's Router/mu (H, E, P) and Router/scale become router.weight (E * P, H) and router.scale; read back
+    from the saved folder they rebuild vmoe's arrays exactly. The config: vmoe's slots (round(9 x 1.0 / 4) = 2
+    when num_slots is not given), its noise unscaled, the bfloat16 dispatcher, no group size (groups are images)."""
+    from safetensors.torch import load_file
+
+    config, params = _soft(num_slots=slots, noise_std=0.5)
+    prefix = ref.save_sharded(params, tmp_path / "ckpt", num_shards=2)
+    result = convert_vmoe_checkpoint(prefix, _spec(config), tmp_path / "hf")
+    hf = result.config
+    assert (hf.router_type, hf.num_slots, hf.router_noise_std) == ("soft", slots or 2, 0.5)
+    assert hf.expert_dispatch_dtype == "bfloat16" and hf.router_group_size is None and not hf.use_cls_token
+    assert result.inexact == []
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    tree = ref.to_numpy_tree(params)
+    for block in (1, 3):
+        router = tree["Encoder"][f"encoderblock_{block}"]["Moe"]["Router"]
+        weight = weights[f"vmoe.encoder.layer.{block}.mlp.router.weight"].numpy()  # (E * P, H)
+        np.testing.assert_array_equal(weight.T.reshape(router["mu"].shape), router["mu"])
+        assert weights[f"vmoe.encoder.layer.{block}.mlp.router.scale"].shape == ()
+        assert float(weights[f"vmoe.encoder.layer.{block}.mlp.router.scale"]) == float(router["scale"])
+
+
+@needs_reference
+def test_soft_moe_conversion_errors_name_what_does_not_fit(tmp_path):
+    config, params = _soft()
+    prefix = ref.save_sharded(params, tmp_path / "ckpt", num_shards=1)
+    wrong_slots = copy.deepcopy(config)
+    wrong_slots["encoder"]["moe"]["router"]["num_slots"] = 5
+    with pytest.raises(ValueError, match="gives 5 Soft MoE slots per expert .* the checkpoint's mu has 2"):
+        convert_vmoe_checkpoint(prefix, _spec(wrong_slots), tmp_path / "a")
+    two_images = copy.deepcopy(config)
+    two_images["encoder"]["moe"]["group_size"] = 18
+    with pytest.raises(ValueError, match=r"group_size=18: hf_vmoe mixes the tokens of each image, .* \(9 tokens\)"):
+        convert_vmoe_checkpoint(prefix, _spec(two_images), tmp_path / "b")
+    top_k = copy.deepcopy(config)
+    top_k["encoder"]["moe"]["router"] = {"name": ref.TOP_K, "dispatcher": {"capacity_factor": 1.0}}
+    with pytest.raises(ValueError, match="routers have Soft MoE's mu and scale but the vmoe config names "
+                                         "'NoisyTopExpertsPerItemRouter'"):
+        convert_vmoe_checkpoint(prefix, _spec(top_k), tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@needs_reference
+@pytest.mark.parametrize("dispatcher, factors", [
+    (dict(capacity_factor=1.0), (1.0, 1.0, 4)),  # ceil(40 / 4) = 10 -> 12: hf's rule with capacity_multiple_of=4
+    (dict(capacity_factor=0.7, capacity_ceil_or_round="round", capacity_multiple_of=1), (0.65, 0.65, None)),
+    (dict(capacity_factor=None, capacity=6), (0.55, 0.55, None)),  # an absolute capacity: (6 - 1/2) x 4 / 40
+], ids=["ceil-multiple-of-4", "round", "absolute"])
+def test_expert_choice_router_maps_groups_and_exact_capacities(dispatcher, factors, tmp_path):
+    """NoisyTopItemsPerExpertRouter: the group size is set explicitly (inference routes vmoe's groups, padded as
+    its evaluator pads), noise / E, no losses; vmoe's capacity per group C is hf_vmoe's min(n, ceil(n x factor /
+    E)) rounded to capacity_multiple_of, with the factor (C - 1/2) x E / n where vmoe's rule is not hf's."""
+    from hf_vmoe.modeling_vmoe import expert_capacity
+
+    config = ref.model_config(router=ref.EXPERT_CHOICE, moe_layers=(1, 3), group_size=40, noise_std=1.0,
+                              **{"capacity_factor": dispatcher.pop("capacity_factor")}, **dispatcher)
+    kwargs, reference, issues = hf_config_from_vmoe(resolve_vmoe_config(_spec(config)))
+    assert kwargs["router_type"] == "expert_choice" and issues == []
+    assert (kwargs["router_group_size"], kwargs["router_group_remainder"]) == (40, "pad")
+    assert kwargs["router_noise_std"] == 0.25 and kwargs["router_importance_loss_coef"] == 0.0
+    train, evaluation, multiple = factors
+    assert kwargs["capacity_factor"] == pytest.approx(train) and kwargs["eval_capacity_factor"] == pytest.approx(evaluation)
+    assert kwargs.get("capacity_multiple_of") == multiple
+    capacity = reference["inference_capacity_per_group"]
+    assert expert_capacity(40, kwargs["eval_capacity_factor"], 4, multiple) == capacity

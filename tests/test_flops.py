@@ -22,8 +22,8 @@ CONFIGS = {
                                             patch_size=4),
     "expert_choice_per_image_groups": dict(routing_level="token", router_type="expert_choice", router_group_size=17,
                                            capacity_factor=1.5, num_shared_experts=1),
-    "expert_choice_batch_group_multiple_of_4": dict(routing_level="token", router_type="expert_choice",
-                                                    capacity_multiple_of=4),
+    "expert_choice_default_groups_multiple_of_4": dict(routing_level="token", router_type="expert_choice",
+                                                       capacity_multiple_of=4),  # each image alone at inference
     "soft_two_slots": dict(routing_level="token", router_type="soft", num_slots=2, moe_layers="every:2"),
     # 5 images x 17 tokens = 85 routed tokens: 4 groups of 20 and a last one of 5 with its own capacity
     "expert_choice_partial_last_group": dict(routing_level="token", router_type="expert_choice", router_group_size=20,
@@ -66,10 +66,9 @@ def test_flops_match_flop_counter(name):
     model = VMoEForImageClassification(config)
     batch = torch.randn(5, 3, 32, 32)
     expected = count_flops(config, batch_size=5).flops * 5
-    if config.router_type == "expert_choice" and (config.router_group_size is None
-                                                  or config.router_group_remainder == "partial"):
-        # capacity is shared by the batch's (or the last group's) tokens: the per-image figure is a fraction
-        # (rounded in ModelCost)
+    if config.router_type == "expert_choice" and config.router_group_remainder == "partial":
+        # the last group's capacity is shared by its tokens: the per-image figure is a fraction (rounded in
+        # ModelCost)
         assert brute_force_flops(model, batch) == pytest.approx(expected, abs=5)
         return
     assert expected == brute_force_flops(model, batch)

@@ -2,6 +2,7 @@
 the two routers built on the contract (expert choice, Soft MoE)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_routers_are_float32_when_loaded_in_bfloat16(name, tmp_path):
     model.save_pretrained(tmp_path)
     half = VMoEForImageClassification.from_pretrained(tmp_path, dtype=torch.bfloat16)
     routers = [m for m in half.modules() if isinstance(m, VMoERouter)]
-    assert all(r.weight.dtype == torch.float32 for r in routers)
+    assert all(p.dtype == torch.float32 for r in routers for p in r.parameters())  # Soft MoE's scale too
     assert half.vmoe.encoder.layer[-1].mlp.experts.up_proj.dtype == torch.bfloat16
     out = half(pixels(2).to(torch.bfloat16), labels=torch.tensor([0, 1]), output_router_logits=True)
     assert torch.isfinite(out.loss) and all(r.dtype == torch.float32 for r in out.router_logits)
@@ -235,15 +236,56 @@ def test_expert_choice_is_balanced_by_construction_and_has_no_balancing_loss():
     assert out.aux_loss == 0  # z-loss off, and no balancing loss for a router balanced by construction
 
 
-def test_expert_choice_with_per_image_groups_is_batch_invariant():
-    model = VMoEForImageClassification(tiny_config(**EXPERT_CHOICE, router_group_size=SEQ)).eval()
+def _peaked_routers(model):
     for router in (m for m in model.modules() if isinstance(m, VMoERouter)):
         torch.nn.init.normal_(router.weight, std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("group_size", [None, SEQ], ids=["default", "per-image-groups"])
+def test_expert_choice_inference_is_batch_invariant(group_size):
+    """transformers' batching equivalence: an image's outputs alone, in a batch, and beside other images are the
+    same. Without a group size expert choice routes each image alone at inference; each expert takes
+    ceil(17 x 1.0 / 4) = 5 tokens of every image."""
+    model = _peaked_routers(VMoEForImageClassification(tiny_config(**EXPERT_CHOICE, router_group_size=group_size)))
+    model.eval()
     x = pixels(5)
     with torch.no_grad():
-        batch = model(x).logits
+        out = model(x, output_router_logits=True)
         single = torch.cat([model(x[i : i + 1]).logits for i in range(5)])
-    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
+        mixed = model(torch.cat([x[:2], pixels(3)])).logits
+    torch.testing.assert_close(out.logits, single, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[:2], out.logits[:2], rtol=1e-5, atol=1e-5)
+    assert out.expert_counts.tolist() == [[5 * 5] * 4] * 2
+
+
+def test_expert_choice_with_an_explicit_group_size_routes_groups_of_images():
+    """An explicit `router_group_size` (what the vmoe converter sets) groups tokens across images at inference
+    too: each expert takes its top-C tokens of each group of two images, so an image's routing depends on its
+    neighbour; in training without a group size the group is the whole batch."""
+    config = tiny_config(**EXPERT_CHOICE, router_group_size=2 * SEQ)
+    block = VMoESparseMoeBlock(config).eval()
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    x = torch.randn(4, SEQ, 32)
+    _, plan = block.router(x)
+    gates = plan.logits.softmax(-1).view(2, 2 * SEQ, 4)
+    capacity = -(-2 * SEQ // 4)  # ceil(34 x 1.0 / 4) per group
+    for e in range(4):
+        rows = plan.token_index[plan.expert_index[:, 0] == e]
+        for g in range(2):
+            chosen = {t - g * 2 * SEQ for t in rows.tolist() if g * 2 * SEQ <= t < (g + 1) * 2 * SEQ}
+            assert chosen == set(gates[g, :, e].topk(capacity).indices.tolist())
+    model = _peaked_routers(VMoEForImageClassification(config)).eval()
+    images = pixels(4)
+    with torch.no_grad():
+        grouped = model(images).logits
+        by_image = _peaked_routers(VMoEForImageClassification(tiny_config(**EXPERT_CHOICE))).eval()
+        by_image.load_state_dict(model.state_dict())
+        assert not torch.allclose(by_image(images).logits, grouped, atol=1e-4)
+    block.train()
+    block.router.config = tiny_config(**EXPERT_CHOICE)
+    _, whole = block.router(x)
+    assert whole.expert_counts(4).tolist() == [SEQ] * 4  # ceil(68 x 1.0 / 4): one group of the 4 images
 
 
 def test_router_group_size_must_divide_the_tokens():
@@ -440,3 +482,85 @@ def test_a_users_trainer_counts_active_flops_through_count_active_flops(tmp_path
     expected = 3 * 12 * count_flops(config).flops  # 3 steps of 4 images
     assert ours.state.total_flos == expected
     assert stock.state.total_flos > 10 * expected  # 6 x pixels x all parameters
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Soft MoE as vmoe computes it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_soft_moe_logits_are_scaled_cosines_of_tokens_and_slots():
+    """vmoe's SoftRouter: logits = scale x cos(token, slot parameter); the token and slot norms do not matter."""
+    block = VMoESparseMoeBlock(tiny_config(**SOFT))
+    router = block.router
+    torch.nn.init.normal_(router.weight, std=0.3)
+    with torch.no_grad():
+        router.scale.fill_(2.5)
+    x = torch.randn(3, SEQ, 32)
+    logits, plan = router(x)
+    cosines = torch.nn.functional.cosine_similarity(x.unsqueeze(2), router.weight.view(1, 1, 8, 32), dim=-1)
+    torch.testing.assert_close(logits.view(3, SEQ, 8), 2.5 * cosines, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        router.weight.mul_(7.0)
+    torch.testing.assert_close(router(x * 0.1)[0], logits, rtol=1e-4, atol=1e-5)
+    assert router.scale.shape == () and router.scale.dtype == torch.float32
+    model = VMoEForImageClassification(tiny_config(**SOFT))
+    assert all(float(m.scale) == 1.0 for m in model.modules() if hasattr(m, "scale"))  # vmoe's init: ones
+
+
+@pytest.mark.parametrize("overrides, slots", [
+    (dict(), 4),  # round(17 tokens x 1.0 / 4 experts) = round(4.25)
+    (dict(capacity_factor=1.5), 6),  # round(6.375)
+    (dict(use_cls_token=False, pooling="mean", capacity_factor=0.625), 2),  # round(2.5) = 2, as Python's (vmoe's)
+    (dict(num_slots=3, capacity_factor=2.0), 3),  # num_slots given: the factor does not count
+])
+def test_soft_moe_slots_default_to_vmoe_capacity_rule(overrides, slots, tmp_path):
+    config = tiny_config(routing_level="token", router_type="soft", **overrides)
+    assert config.num_slots == slots
+    model = VMoEForImageClassification(config)
+    assert model.vmoe.encoder.layer[-1].mlp.router.weight.shape == (4 * slots, 32)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_slots"] == slots  # stored resolved
+
+
+def test_soft_moe_slot_and_group_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"17 tokens per image x capacity_factor 0.1 / num_experts 4 rounds to 0"):
+        tiny_config(routing_level="token", router_type="soft", capacity_factor=0.1)
+    with pytest.raises(ValueError, match="router_group_size=17 does not apply to router_type='soft'"):
+        tiny_config(**SOFT, router_group_size=17)
+
+
+def test_soft_moe_bfloat16_dispatch_rounds_tokens_and_slot_outputs():
+    """vmoe's Bfloat16Dispatcher around Soft MoE's einsum dispatcher: tokens rounded to bfloat16 before they are
+    mixed into slots, slot outputs before they are mixed back, the mixing in float32."""
+    config = tiny_config(**SOFT, expert_dispatch_dtype="bfloat16")
+    block = VMoESparseMoeBlock(config)
+    for parameter in block.experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    torch.nn.init.normal_(block.router.weight, std=1.0)
+    x = torch.randn(3, SEQ, 32)
+    _, plan = block.router(x)
+    slots = torch.einsum("bsn,bsh->bnh", plan.dispatch_weights, x.bfloat16().float())
+    outputs = torch.stack([block.experts.expert_forward(n // 2, slots[:, n]) for n in range(8)], dim=1)
+    expected = torch.einsum("bsn,bnh->bsh", plan.combine_weights, outputs.bfloat16().float())
+    got = block(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    unrounded = VMoESparseMoeBlock(tiny_config(**SOFT))
+    unrounded.load_state_dict(block.state_dict())
+    assert (unrounded(x) - got).abs().max() > 1e-4  # the rounding is visible
+
+
+def test_soft_moe_checkpoint_in_the_old_layout_is_refused(tmp_path):
+    """hf_vmoe's first Soft MoE router was a plain linear layer (router.weight only): such a checkpoint is refused
+    with a message naming the change, whatever the loading options."""
+    from safetensors.torch import load_file, save_file
+
+    VMoEForImageClassification(tiny_config(**SOFT)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old = {key: value for key, value in weights.items() if not key.endswith("router.scale")}
+    assert len(old) == len(weights) - 2  # the two MoE blocks
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for options in (dict(), dict(ignore_mismatched_sizes=True), dict(output_loading_info=True)):
+        with pytest.raises(VMoECheckpointMismatchError, match=r"old layout .*router\.weight without 'scale'.*"
+                                                              r"L2-normalised tokens and slot parameters"):
+            VMoEForImageClassification.from_pretrained(tmp_path, **options)

@@ -249,6 +249,20 @@ def test_upcycle_example_script(tmp_path, capsys):
     assert (tmp_path / "moe" / "preprocessor_config.json").exists()
 
 
+@pytest.mark.parametrize("router", [dict(router_type="soft", num_slots=2), dict(router_type="expert_choice")],
+                         ids=["soft", "expert_choice"])
+def test_upcycling_into_the_other_routers_copies_the_experts(router):
+    """Expert choice and Soft MoE do not compute the dense function, but upcycle into them: the experts are the dense
+    MLP, the routers start fresh (Soft MoE's scale at 1)."""
+    dense = vit_classifier()
+    model = upcycle(dense, routing_level="token", num_experts=4, **router)
+    layer = model.vmoe.encoder.layer[-1]
+    fc1 = dense.vit.layers[-1].mlp.fc1.weight
+    assert all(torch.equal(layer.mlp.experts.up_proj[e], fc1) for e in range(4))
+    if router["router_type"] == "soft":
+        assert float(layer.mlp.router.scale) == 1.0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Drop-upcycling: a share of each expert's hidden units re-initialised
 # --------------------------------------------------------------------------------------------------------------

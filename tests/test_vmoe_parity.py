@@ -10,7 +10,10 @@ own sharded checkpoint writer, converts it with `hf_vmoe.integrations.convert_vm
 * batches that are not whole routing groups: vmoe's evaluator pads its last batch with all-zero examples, hf_vmoe's
   `router_group_remainder="pad"` (set by the converter) does the same;
 * training with router noise: the noise samples differ, so hf_vmoe's `aux_loss` is checked against vmoe's own loss
-  functions (importance and load loss) applied to the clean and noisy logits of hf_vmoe's forward.
+  functions (importance and load loss) applied to the clean and noisy logits of hf_vmoe's forward;
+* expert choice (vmoe's `NoisyTopItemsPerExpertRouter`) and Soft MoE (vmoe's `SoftRouter`), in inference and training
+  without noise: logits, the tokens each expert took in each group (expert choice), the dispatch and combine weights
+  (Soft MoE), and no auxiliary loss.
 
 `Case.needs` names the parity options of VMoEConfig a case exercises (docs/vmoe-parity-spec.md §10); every one
 exists now, so every case is an ordinary test. The whole module skips when the reference code or jax is absent.
@@ -361,3 +364,125 @@ def noisy_aux_loss(case: Case, tmp_root: str) -> tuple[float, float]:
 def test_noisy_training_aux_loss_is_vmoe_formula(case, tmp_root):
     ours, expected = noisy_aux_loss(case, tmp_root)
     assert abs(ours - expected) <= 1e-5 * max(1.0, abs(expected)), (ours, expected)
+
+
+# -- expert choice and Soft MoE --------------------------------------------------------------------------------------
+
+# vmoe's `NoisyTopItemsPerExpertRouter` (expert choice: each expert takes the top-C tokens of its group) and Soft MoE's
+# `SoftRouter` (vmoe/projects/soft_moe/router.py: L2-normalised tokens and slot parameters times a learned scale,
+# bfloat16 dispatch). The routing compared is the dispatcher's: which tokens each expert took (expert choice), the
+# dispatch and combine weights (Soft MoE).
+ROUTER_CASES = [
+    Case("expert-choice-groups",  # C = ceil(40 x 1.0 / 4) = 10 -> 12 (vmoe's multiple of 4)
+         dict(router=ref.EXPERT_CHOICE, moe_layers=(1, 3), capacity_factor=1.0, group_size=TWO_IMAGES),
+         needs=("router_group_size", "capacity_multiple_of")),
+    Case("expert-choice-one-group-round",  # C = round(80 x 0.7 / 4) = 14, no multiple: the factor is (C - 1/2) E / n
+         dict(router=ref.EXPERT_CHOICE, moe_layers=(2, 3), capacity_factor=0.7, group_size=ONE_GROUP,
+              capacity_ceil_or_round="round", capacity_multiple_of=1),
+         needs=("router_group_size",)),
+    Case("expert-choice-per-image-bfloat16",
+         dict(router=ref.EXPERT_CHOICE, moe_layers=(2, 3), capacity_factor=2.0, group_size=TOKENS, bfloat16=True),
+         needs=("router_group_size", "expert_dispatch_dtype")),
+    Case("soft-gap-slots-from-capacity",  # GAP (vmoe's Soft MoE configs): 9 tokens, round(9 x 1.0 / 4) = 2 slots
+         dict(router=ref.SOFT, moe_layers=(2, 3), capacity_factor=1.0, group_size=TOKENS - 1, classifier="gap"),
+         needs=("use_cls_token", "expert_dispatch_dtype")),
+    Case("soft-gap-3-slots-every2",
+         dict(router=ref.SOFT, moe_layers=(1, 3), num_slots=3, capacity_factor=None, group_size=TOKENS - 1,
+              classifier="gap"), needs=("use_cls_token", "expert_dispatch_dtype")),
+    Case("soft-class-token-1-slot", dict(router=ref.SOFT, moe_layers=(2, 3), num_slots=1, group_size=TOKENS),
+         needs=("expert_dispatch_dtype",)),
+]
+
+
+def _soft_plan_weights(plan) -> tuple[np.ndarray, np.ndarray]:
+    """hf_vmoe's Soft MoE plan as vmoe's dispatcher holds it: (combine, dispatch) weights (B, S, E, P)."""
+    batch, seq, total = plan.combine_weights.shape
+    shape = (batch, seq, total // plan.num_slots, plan.num_slots)
+    return (plan.combine_weights.detach().numpy().reshape(shape), plan.dispatch_weights.detach().numpy().reshape(shape))
+
+
+def _expert_choice_picks(plan, num_experts: int, groups: int, group_size: int) -> np.ndarray:
+    """hf_vmoe's expert-choice plan as (G, E, C): the tokens (index within their group) each expert took, sorted."""
+    tokens = plan.token_index.numpy().reshape(num_experts, groups, -1)  # expert-major rows, then group by group
+    local = tokens - group_size * np.arange(groups).reshape(1, groups, 1)
+    return np.sort(local.transpose(1, 0, 2), axis=-1)
+
+
+def compare_router(case: Case, tmp_root: str, train: bool = False) -> dict:
+    """vmoe and hf_vmoe on the case's images: the max |logit difference| relative to the logit scale, and the
+    routing: for expert choice the tokens each expert took in each group (counted where they differ); for Soft MoE
+    the largest difference of the dispatch and combine weights."""
+    config, params, x = _reference(case)
+    theirs = ref.run(config, params, x, train=train)
+    model, out, _ = _ours(_converted(case, tmp_root), x, train)
+    plans = {f"encoderblock_{index}": layer.mlp.router for index, layer in enumerate(model.vmoe.encoder.layer)
+             if layer.is_moe}
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = output[1]
+        return hook
+
+    handles = [router.register_forward_hook(keep(name)) for name, router in plans.items()]
+    pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    with torch.set_grad_enabled(train):
+        again = model(pixels).logits
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(again, out.logits)
+    scale = float(np.abs(theirs.logits).max())
+    result = {"max_rel_logit_diff": float(np.abs(out.logits.detach().numpy() - theirs.logits).max()) / scale,
+              "aux_loss": None if out.aux_loss is None else float(out.aux_loss),
+              "vmoe_auxiliary_loss": float(theirs.auxiliary_loss.mean()), "picks_differ": 0, "picks": 0,
+              "max_weight_diff": 0.0}
+    assert sorted(theirs.weights) == sorted(captured)
+    for name, (combine, dispatch) in theirs.weights.items():
+        plan = captured[name]
+        if model.config.router_type == "soft":
+            ours_combine, ours_dispatch = _soft_plan_weights(plan)
+            result["max_weight_diff"] = max(result["max_weight_diff"], float(np.abs(ours_combine - combine).max()),
+                                            float(np.abs(ours_dispatch - dispatch).max()))
+        else:
+            groups, group_size, num_experts, capacity = dispatch.shape
+            theirs_picks = np.sort(dispatch.argmax(axis=1), axis=-1)  # (G, E, C): the token in each buffer slot
+            ours_picks = _expert_choice_picks(plan, num_experts, groups, group_size)
+            assert ours_picks.shape == theirs_picks.shape, (ours_picks.shape, theirs_picks.shape)
+            result["picks_differ"] += int((ours_picks != theirs_picks).any(axis=-1).sum())
+            result["picks"] += groups * num_experts
+    return result
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in ROUTER_CASES])
+def test_expert_choice_and_soft_moe_inference_match_reference(case, tmp_root):
+    result = compare_router(case, tmp_root)
+    assert result["max_rel_logit_diff"] <= RTOL, result
+    assert result["picks_differ"] == 0, result
+    assert result["max_weight_diff"] <= 1e-5, result
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in (ROUTER_CASES[0], ROUTER_CASES[3])])
+def test_expert_choice_and_soft_moe_training_forward_match_reference(case, tmp_root):
+    """Training mode without noise: the same routing and logits, and no auxiliary loss (vmoe's is 0 for both)."""
+    result = compare_router(case, tmp_root, train=True)
+    assert result["max_rel_logit_diff"] <= RTOL, result
+    assert result["picks_differ"] == 0 and result["max_weight_diff"] <= 1e-5, result
+    assert result["vmoe_auxiliary_loss"] == 0.0 and result["aux_loss"] == 0.0, result
+
+
+def test_soft_moe_parity_needs_the_normalised_router(tmp_root):
+    """The check can fail: the converted Soft MoE with its router's logits computed as a plain linear layer (the
+    router hf_vmoe had before: no L2 normalisation, no scale) is far from vmoe's."""
+    from hf_vmoe.modeling_vmoe import VMoESoftRouter
+
+    case = ROUTER_CASES[3]
+    config, params, x = _reference(case)
+    theirs = ref.run(config, params, x)
+    original = VMoESoftRouter.slot_logits
+    try:
+        VMoESoftRouter.slot_logits = lambda self, h: torch.nn.functional.linear(h.float(), self.weight)
+        _, out, _ = _ours(_converted(case, tmp_root), x, train=False)
+    finally:
+        VMoESoftRouter.slot_logits = original
+    diff = float(np.abs(out.logits.detach().numpy() - theirs.logits).max()) / float(np.abs(theirs.logits).max())
+    assert diff > 100 * RTOL, diff

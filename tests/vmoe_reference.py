@@ -118,11 +118,34 @@ def modules() -> types.SimpleNamespace:
                                  routing=vmoe.nn.routing, moe=vmoe.moe, partitioned=partitioned, ckpt_base=ckpt_base)
 
 
+TOP_K, EXPERT_CHOICE, SOFT = ("NoisyTopExpertsPerItemRouter", "NoisyTopItemsPerExpertRouter",
+                              "vmoe.projects.soft_moe.router.SoftRouter")
+
+
 def model_config(*, hidden=16, layers=4, heads=2, mlp_dim=32, patch=8, num_classes=5, experts=4, k=1,
                  moe_layers=(2, 3), group_size=80, capacity_factor=4.0, batch_priority=False, noise_std=0.0,
                  dispatcher="einsum", bfloat16=False, classifier="token", representation_size=None,
-                 importance_loss_weight=0.005, load_loss_weight=0.005, **router_extra) -> dict:
-    """A small VisionTransformerMoe config in vmoe's own vocabulary (as `config.model` in vmoe's configs)."""
+                 importance_loss_weight=0.005, load_loss_weight=0.005, router=TOP_K, num_slots=None,
+                 **router_extra) -> dict:
+    """A small VisionTransformerMoe config in vmoe's own vocabulary (as `config.model` in vmoe's configs).
+    `router` picks vmoe's router: TOP_K (the default; k, capacity, batch priority, losses), EXPERT_CHOICE (noise,
+    the dispatcher's capacity and bfloat16; `router_extra` goes to its dispatcher) or SOFT (`num_slots`, or slots
+    from `capacity_factor`; noise)."""
+    if router == EXPERT_CHOICE:
+        router_config = {"name": router, "noise_std": noise_std,
+                         "dispatcher": {"name": dispatcher, "capacity_factor": capacity_factor, "bfloat16": bfloat16,
+                                        **router_extra}}
+    elif router == SOFT:
+        router_config = {"name": router, "num_slots": num_slots, "capacity_factor": capacity_factor,
+                         "noise_std": noise_std, **router_extra}
+    else:
+        router_config = {
+            "num_selected_experts": k, "noise_std": noise_std,
+            "importance_loss_weight": importance_loss_weight, "load_loss_weight": load_loss_weight,
+            "dispatcher": {"name": dispatcher, "capacity_factor": capacity_factor,
+                           "batch_priority": batch_priority, "bfloat16": bfloat16},
+            **router_extra,
+        }
     return {
         "name": "VisionTransformerMoe",
         "num_classes": num_classes,
@@ -136,13 +159,7 @@ def model_config(*, hidden=16, layers=4, heads=2, mlp_dim=32, patch=8, num_class
             "attention_dropout_rate": 0.0,
             "moe": {
                 "num_experts": experts, "layers": tuple(moe_layers), "group_size": group_size, "dropout_rate": 0.0,
-                "router": {
-                    "num_selected_experts": k, "noise_std": noise_std,
-                    "importance_loss_weight": importance_loss_weight, "load_loss_weight": load_loss_weight,
-                    "dispatcher": {"name": dispatcher, "capacity_factor": capacity_factor,
-                                   "batch_priority": batch_priority, "bfloat16": bfloat16},
-                    **router_extra,
-                },
+                "router": router_config,
             },
         },
     }
@@ -178,7 +195,8 @@ def images(batch: int = 8, size: int = 24, seed: int = 0) -> np.ndarray:
 def init_params(config: dict, image_size: int = 24, seed: int = 0, router_scale: float = 3.0, batch: int = 8):
     """vmoe's own initialisation, then perturbed: LayerNorm scales 1 + N(0, 0.1^2), biases and the class token
     N(0, 0.1^2) (vmoe initialises them to 0 / 1 / 1e-6, which would hide a mix-up), router kernels scaled by
-    `router_scale` (peaked routing, so that capacity drops tokens)."""
+    `router_scale` (peaked routing, so that capacity drops tokens), Soft MoE's logit scale `router_scale` x
+    (1 + N(0, 0.1^2)) (its logits are cosines times this scale)."""
     m = modules()
     jax, jnp = m.jax, m.jnp
     model = build(config)
@@ -189,7 +207,9 @@ def init_params(config: dict, image_size: int = 24, seed: int = 0, router_scale:
     def perturb(path, leaf):
         names = [getattr(p, "key", str(p)) for p in path]
         value = np.asarray(leaf)
-        if names[-1] == "scale":
+        if names[-1] == "scale" and "Router" in names:  # Soft MoE's logit scale
+            value = router_scale * (1.0 + 0.1 * rng.standard_normal(value.shape))
+        elif names[-1] == "scale":
             value = 1.0 + 0.1 * rng.standard_normal(value.shape)
         elif names[-1] == "bias" or names[-1] == "cls":
             value = 0.1 * rng.standard_normal(value.shape)
@@ -212,6 +232,8 @@ class ReferenceRun:
     capacity: dict[str, int]
     metrics: dict[str, dict[str, np.ndarray]]
     auxiliary_loss: np.ndarray  # (G,): the sum over MoE blocks, per group, as vmoe returns it
+    # expert choice and Soft MoE, per MoE block: the dispatcher's (combine_weights, dispatch_weights), (G, S, E, C)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def _unwrap(dispatcher):
@@ -228,6 +250,8 @@ def run(config: dict, params, x: np.ndarray, *, train: bool = False, overrides: 
     m = modules()
     jax, jnp = m.jax, m.jnp
     config = _with_overrides(config, overrides)
+    if config["encoder"]["moe"]["router"].get("name", TOP_K) != TOP_K:
+        return _run_other_router(config, params, x, train)
     model = build(config, train=train)
     k = config["encoder"]["moe"]["router"]["num_selected_experts"]
 
@@ -265,6 +289,29 @@ def run(config: dict, params, x: np.ndarray, *, train: bool = False, overrides: 
         assert num_experts == config["encoder"]["moe"]["num_experts"]
     return ReferenceRun(logits=np.asarray(logits), experts=experts, kept=kept, capacity=capacity,
                         metrics=block_metrics, auxiliary_loss=np.asarray(metrics["auxiliary_loss"]))
+
+
+def _run_other_router(config: dict, params, x: np.ndarray, train: bool) -> ReferenceRun:
+    """`run` for expert choice and Soft MoE: the logits and each MoE block's dispatch and combine weights (their
+    routing, which `experts` / `kept` of top-k do not describe)."""
+    m = modules()
+    jax, jnp = m.jax, m.jnp
+    if config["encoder"]["moe"]["router"]["name"] == SOFT:
+        import vmoe.projects.soft_moe.router  # noqa: F401 - the module vmoe imports by name
+
+    model = build(config, train=train)
+    rngs = {"gating": jax.random.PRNGKey(1)} if train else {}
+    (logits, metrics), state = model.apply(
+        {"params": params}, jnp.asarray(x), mutable=["intermediates"], rngs=rngs,
+        capture_intermediates=lambda module, method: module.name == "Router" and method == "__call__")
+    weights, block_metrics = {}, {}
+    for name, block in state["intermediates"]["Encoder"].items():
+        dispatcher = _unwrap(block["Moe"]["Router"]["__call__"][0][0])
+        weights[name] = (np.asarray(dispatcher.combine_weights, np.float32),
+                         np.asarray(dispatcher.dispatch_weights, np.float32))
+        block_metrics[name] = {key: np.asarray(value) for key, value in metrics[name].items()}
+    return ReferenceRun(logits=np.asarray(logits), experts={}, kept={}, capacity={}, metrics=block_metrics,
+                        auxiliary_loss=np.asarray(metrics["auxiliary_loss"]), weights=weights)
 
 
 def save_sharded(params, prefix, num_shards: int = 3, max_chunk_bytes: int | None = 512) -> str:

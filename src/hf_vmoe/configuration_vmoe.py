@@ -101,7 +101,9 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             each expert processes `num_slots` softmax-weighted mixes of an image's tokens; token routing).
         num_experts (`int`): experts per MoE block.
         num_experts_per_tok (`int`): k of top-k routing, experts per image (image routing) or per token.
-        num_slots (`int`): Soft MoE slots per expert (per image).
+        num_slots (`int`, None = derived): Soft MoE slots per expert (per image). None (vmoe's `SoftRouter` default)
+            derives it from the capacity factor as vmoe does: round(tokens per image x factor / num_experts), factor
+            = `capacity_factor` (None = 1.0), tokens per image at `image_size`; stored resolved.
         moe_layers (`tuple[int]` | `str` | None): MoE block indices; None = last two blocks; also `"last:L"`,
             `"every:n"`, `"all"`, `"none"` (a dense ViT). Stored resolved, as a tuple of indices.
         expert_intermediate_size (`int`, None = `intermediate_size`): hidden width of each routed expert.
@@ -121,7 +123,8 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         capacity_multiple_of (`int`, optional): round capacities up to a multiple of this (V-MoE uses 4).
         router_group_size (`int`, optional): token routing only; tokens are routed in independent groups of this
             many tokens (consecutive in batch order, as V-MoE's `group_size`), each with its own capacity. None =
-            one group per batch.
+            one group per batch, except expert choice at inference, which routes each image alone (so an image's
+            outputs do not depend on the rest of the batch). Not for Soft MoE, whose groups are always images.
         router_group_remainder (`str`): what a batch whose token count `router_group_size` does not divide gets:
             `"error"` (a ValueError, as V-MoE's reshape), `"partial"` (a last, smaller group with the capacity of
             its own size) or `"pad"` (at inference, the batch is padded with all-zero images up to whole groups and
@@ -140,7 +143,9 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         router_aux_loss_layer_reduction (`str`): how the losses of the router calls combine: `"mean"` or `"sum"`
             (V-MoE).
         expert_dispatch_dtype (`str`, optional): `"bfloat16"` rounds every expert's input and output through
-            bfloat16 and sums the weighted outputs in float32 (V-MoE's `dispatcher.bfloat16`); None = no rounding.
+            bfloat16 and sums the weighted outputs in float32 (V-MoE's `dispatcher.bfloat16`); for Soft MoE the
+            tokens before they are mixed into slots and the slot outputs before they are mixed back (vmoe's Soft
+            MoE dispatcher); None = no rounding.
         output_router_logits (`bool`): return router logits and routing statistics in the outputs (the aux loss is
             computed and added to `loss` whenever the model trains or gets labels, whatever this says).
         superclass_ids (`list[int]`, optional): length `num_labels`, class -> super-class in [0, num_experts).
@@ -184,7 +189,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     router_type: str = "top_k"
     num_experts: int = 10
     num_experts_per_tok: int = 1
-    num_slots: int = 1
+    num_slots: int | None = None
     moe_layers: tuple[int, ...] | list[int] | str | None = None
     expert_intermediate_size: int | None = None
     num_shared_experts: int = 0
@@ -257,6 +262,8 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
         self.validate_vmoe_sizes()
         self.validate_vmoe_rates()
+        if self.router_type == "soft" and self.num_slots is None:
+            self.num_slots = self.soft_moe_slots()
         self.validate_vmoe_routing()
         self.validate_vmoe_superclasses()
         if experts_implementation == "grouped_mm" and self.is_moe:
@@ -268,14 +275,31 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                     "use experts_implementation='eager' or change the widths"
                 )
 
+    def soft_moe_slots(self) -> int:
+        """vmoe's `SoftRouter` slots per expert when `num_slots` is not given: round(tokens per image x capacity
+        factor / num_experts) (Python's round, as vmoe's `compute_capacity(..., ceil_or_round="round")`)."""
+        image, patch = to_pair(self.image_size), to_pair(self.patch_size)
+        tokens = (image[0] // patch[0]) * (image[1] // patch[1]) + (1 if self.use_cls_token else 0)
+        factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+        slots = int(round(tokens * factor / self.num_experts))
+        if slots < 1:
+            raise ValueError(
+                f"Soft MoE with num_slots=None: {tokens} tokens per image x capacity_factor {factor} / num_experts "
+                f"{self.num_experts} rounds to {slots} slots per expert; set num_slots or a larger capacity_factor"
+            )
+        return slots
+
     def validate_vmoe_sizes(self):
         """Widths, counts and the patch grid."""
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
-                     "num_experts", "num_experts_per_tok", "num_slots", "expert_intermediate_size",
+                     "num_experts", "num_experts_per_tok", "expert_intermediate_size",
                      "shared_expert_intermediate_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_slots is not None and (isinstance(self.num_slots, bool) or not isinstance(self.num_slots, int)
+                                           or self.num_slots < 1):
+            raise ValueError(f"num_slots must be a positive integer or None, got {self.num_slots!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -343,6 +367,11 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"router_group_size={self.router_group_size} groups tokens: it needs routing_level='token', "
                 f"got {self.routing_level!r}"
+            )
+        if self.router_group_size is not None and self.router_type == "soft":
+            raise ValueError(
+                f"router_group_size={self.router_group_size} does not apply to router_type='soft': Soft MoE mixes "
+                "the tokens of each image (one group per image); leave router_group_size=None"
             )
         if self.expert_dispatch_dtype is not None:
             if self.expert_dispatch_dtype not in DISPATCH_DTYPES:

@@ -523,6 +523,19 @@ class SoftRouting(VMoERouting):
         slots = expert_output.view(batch, -1, hidden)  # (B, E * P, H)
         return torch.einsum("bsn,bnh->bsh", self.combine_weights.to(slots.dtype), slots)
 
+    def apply_rounded(self, experts, hidden_states, dtype):
+        """vmoe's Soft MoE dispatcher (`Bfloat16Dispatcher` around an einsum dispatcher): the tokens are rounded
+        through `dtype` before they are mixed into slots, the slot outputs before they are mixed back; the mixing
+        itself is float32."""
+        rounded = hidden_states.to(dtype).float()
+        slots = torch.einsum("bsn,bsh->bnh", self.dispatch_weights.float(), rounded)  # (B, E * P, H)
+        batch, num_slots_total, hidden = slots.shape
+        index = (torch.arange(num_slots_total, device=slots.device) // self.num_slots).repeat(batch).unsqueeze(1)
+        ones = torch.ones(index.shape, dtype=hidden_states.dtype, device=slots.device)
+        out = experts(slots.reshape(-1, hidden).to(hidden_states.dtype), index, ones)  # (B * E * P, H)
+        out = out.to(dtype).float().view(batch, num_slots_total, -1)
+        return torch.einsum("bsn,bnh->bsh", self.combine_weights.float(), out).to(hidden_states.dtype)
+
     def expert_counts(self, num_experts):
         batch = self.logits.shape[0]
         return torch.full((num_experts,), batch * self.num_slots, dtype=torch.long, device=self.logits.device)
@@ -775,8 +788,9 @@ class VMoETopKRouter(VMoERouter):
 class VMoEExpertChoiceRouter(VMoERouter):
     """Expert-choice routing (Zhou et al. 2022; vmoe's `NoisyTopItemsPerExpertRouter`): each expert takes the C
     tokens of a routing group with the highest softmax gate for it, C = ceil(n * factor / E). Balanced by
-    construction; a token may get no expert (the residual carries it) or several. Tokens compete within a group,
-    so inference is batch-invariant only when a group is one image (`router_group_size` = tokens per image)."""
+    construction; a token may get no expert (the residual carries it) or several. Tokens compete within a group:
+    without `router_group_size`, a group is the batch in training and one image at inference, so inference is
+    batch-invariant; with it, groups of that many tokens in both."""
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         items = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
@@ -784,8 +798,12 @@ class VMoEExpertChoiceRouter(VMoERouter):
         gates = self.add_noise(logits).softmax(dim=-1)
         num_items, num_experts = gates.shape
         factor = self.capacity_factor() or self.config.capacity_factor or 1.0
+        if self.config.router_group_size is None and not self.training:
+            grouping = (hidden_states.shape[0], hidden_states.shape[1], 0)  # each image alone
+        else:
+            grouping = self.groups(num_items)
         token_parts, weight_parts, start = [], [], 0
-        for part in group_parts(gates, self.groups(num_items)):  # (g, n, E); a last partial group: its own C
+        for part in group_parts(gates, grouping):  # (g, n, E); a last partial group: its own C
             groups, group_size, _ = part.shape
             capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
             top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
@@ -801,17 +819,37 @@ class VMoEExpertChoiceRouter(VMoERouter):
         return logits, ExpertChoiceRouting(logits, token_index, expert_index.unsqueeze(1), weights)
 
 
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) along `dim` (vmoe's Soft MoE `normalize`; eps inside the root, unlike
+    `F.normalize`)."""
+    return x * torch.rsqrt(x.pow(2).sum(dim=dim, keepdim=True) + eps)
+
+
 class VMoESoftRouter(VMoERouter):
-    """Soft MoE (Puigcerver et al. 2023): E x P slots per image, `num_slots` = P per expert. Fully differentiable,
-    no token dropped, no balancing loss; an image's output depends only on its own tokens."""
+    """Soft MoE (Puigcerver et al. 2023) as vmoe's `SoftRouter` computes it: E x P slots per image, `num_slots` = P
+    per expert. The logits are cosine similarities times a learned scalar: tokens and slot parameters (`weight`,
+    (E * P, H), vmoe's `mu`) are L2-normalised, and the slots multiplied by `scale` (vmoe's `scale`, initialised to
+    1). Router noise (`router_noise_std`, training only) is added to the logits unscaled, as vmoe does. Fully
+    differentiable, no token dropped, no balancing loss; an image's output depends only on its own tokens."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__(config, num_outputs=config.num_experts * config.num_slots)
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float32))
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
-        logits = self.compute_logits(hidden_states)  # (B, S, E * P)
-        plan = SoftRouting(logits, logits.softmax(dim=1), logits.softmax(dim=2), self.config.num_slots)
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+                logits = self.slot_logits(hidden_states)
+        else:
+            logits = self.slot_logits(hidden_states)
+        noisy = self.add_noise(logits)
+        plan = SoftRouting(logits, noisy.softmax(dim=1), noisy.softmax(dim=2), self.config.num_slots)
         return logits.reshape(-1, logits.shape[-1]), plan
+
+    def slot_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, S, H) -> (B, S, E * P) float32: unit tokens against unit slots times `scale`."""
+        slots = l2_normalize(self.weight.float()) * self.scale.float()  # (E * P, H)
+        return F.linear(l2_normalize(hidden_states.float()), slots)
 
 
 ROUTER_CLASSES = {"top_k": VMoETopKRouter, "expert_choice": VMoEExpertChoiceRouter, "soft": VMoESoftRouter}
@@ -1155,9 +1193,12 @@ class VMoELayer(GradientCheckpointingLayer):
 
 def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, head: str | None = "classification"):
     """Active forward FLOPs (2 x multiply-adds of the matmuls and convolutions) per image of an inference batch of
-    `batch_size` images, by component. The batch matters for expert choice (its capacity is per routing group: the
-    batch unless `router_group_size`) and for `router_group_remainder="pad"`, whose padding images run every block
-    (their share is counted, spread over the real images; they skip the classifier)."""
+    `batch_size` images, by component. The batch matters for expert choice with `router_group_size` (its capacity
+    is per routing group; without a group size it routes each image alone at inference) and for
+    `router_group_remainder="pad"`, whose padding images run every block (their share is counted, spread over the
+    real images; they skip the classifier). Training groups expert choice's tokens over the batch when no group size
+    is set; this counts inference's per-image groups (the capacities differ only by rounding). Soft MoE's L2 normalisations and scale are elementwise, like layer
+    norms: not counted; its router is the (tokens x H) by (H x E * P) logits matmul."""
     h, c = config.hidden_size, config.num_channels
     ph, pw = to_pair(config.patch_size)
     ih, iw = to_pair(image_size if image_size is not None else config.image_size)
@@ -1174,7 +1215,7 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     image_router = 2 * h * e + (2 * t * h if config.router_input == "mean" else 0)
     if config.router_type == "expert_choice":
         tokens = padded * t
-        group = config.router_group_size or tokens
+        group = config.router_group_size or t  # no group size: each image alone at inference
         full, rest = divmod(tokens, group)
         parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
         rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, e,
@@ -1311,6 +1352,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 f"Could not read the safetensors checkpoint of {pretrained_model_name_or_path!r}: {err}. "
                 "The file is truncated or corrupt; save or download it again."
             ) from err
+        cls._refuse_old_soft_router(pretrained_model_name_or_path, info)
         if output_loading_info:
             return model, info
         if not ignore_mismatched_sizes:
@@ -1332,6 +1374,23 @@ class VMoEPreTrainedModel(PreTrainedModel):
                     "output_loading_info=True to get the list."
                 )
         return model
+
+    @staticmethod
+    def _refuse_old_soft_router(path, info: dict) -> None:
+        """A Soft MoE checkpoint with `router.weight` but no `router.scale` was saved by hf_vmoe's earlier Soft MoE
+        router, a plain linear layer: its weights would load into the normalised router and compute something else.
+        Raises a `VMoECheckpointMismatchError` naming the change, whatever the loading options."""
+        missing = set(info["missing_keys"])
+        mismatched = {key for key, *_ in info["mismatched_keys"]}
+        old = sorted(key for key in missing if key.endswith("mlp.router.scale")
+                     and key[: -len("scale")] + "weight" not in missing | mismatched)
+        if old:
+            raise VMoECheckpointMismatchError(
+                f"The checkpoint {path!r} has a Soft MoE router in the old layout ({old[0][: -len('scale')]}weight "
+                "without 'scale'): hf_vmoe's Soft MoE router was a plain linear layer; it now computes vmoe's Soft "
+                "MoE (L2-normalised tokens and slot parameters, times a learned scalar 'scale'), so these weights "
+                "do not fit. Retrain the model, or convert the vmoe checkpoint again."
+            )
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -1357,6 +1416,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "e_score_correction_bias", None) is not None:
                 init.zeros_(module.e_score_correction_bias)
+            if isinstance(module, VMoESoftRouter):
+                init.ones_(module.scale)
         elif isinstance(module, VMoELayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 

@@ -428,6 +428,7 @@ def infer_vmoe_architecture(params: Mapping) -> dict:
         raise ValueError(f"the position embedding has {patches} patch positions, not a square grid: give image_size")
     arch["image_size"] = (side * kh, side * kw)
     mlp_dims, moe_layers, heads, experts, expert_dims = set(), [], set(), set(), set()
+    router_params, slots = set(), set()  # "dense" (top-k, expert choice) or "soft"; Soft MoE slots per expert
     for b in blocks:
         block = encoder[f"encoderblock_{b}"]
         if "MultiHeadDotProductAttention_0" in block or "SelfAttention" not in block:
@@ -440,23 +441,40 @@ def infer_vmoe_architecture(params: Mapping) -> dict:
         heads.add(q[1])
         if "Moe" in block:
             moe = block["Moe"]
-            router = _shape(moe, "Router", "dense", "kernel")
-            if len(router) == 3:
-                raise ValueError(
-                    f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}: an E^3 ensemble router "
-                    "(VisionTransformerMoeEnsemble, ensemble_size members); hf_vmoe has no ensemble routing, so "
-                    "E^3 checkpoints cannot be converted"
-                )
-            if len(router) != 2 or router[0] != hidden:
-                raise ValueError(f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}, expected ({hidden}, E)")
-            extra = sorted(set(moe["Router"]) - {"dense"})
-            if extra:
-                raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides 'dense': not a noisy "
-                                 "top-k router (Soft MoE or another router), which this converter does not map")
+            if isinstance(moe.get("Router"), Mapping) and {"mu", "scale"} & set(moe["Router"]):  # Soft MoE
+                mu = _shape(moe, "Router", "mu")
+                scale = _shape(moe, "Router", "scale")
+                if len(mu) != 3 or mu[0] != hidden or scale not in ((), (1,)):
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has mu {mu} and scale {scale}: a Soft MoE router "
+                                     f"needs mu ({hidden}, E, slots) and a scalar scale")
+                extra = sorted(set(moe["Router"]) - {"mu", "scale"})
+                if extra:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides Soft MoE's mu and "
+                                     "scale")
+                router_experts = mu[1]
+                router_params.add("soft")
+                slots.add(mu[2])
+            else:
+                router = _shape(moe, "Router", "dense", "kernel")
+                if len(router) == 3:
+                    raise ValueError(
+                        f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}: an E^3 ensemble router "
+                        "(VisionTransformerMoeEnsemble, ensemble_size members); hf_vmoe has no ensemble routing, so "
+                        "E^3 checkpoints cannot be converted"
+                    )
+                if len(router) != 2 or router[0] != hidden:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router/dense/kernel has shape {router}, expected "
+                                     f"({hidden}, E)")
+                extra = sorted(set(moe["Router"]) - {"dense"})
+                if extra:
+                    raise ValueError(f"encoderblock_{b}/Moe/Router has parameters {extra} besides 'dense': neither "
+                                     "a noisy top-k / top-items router (dense) nor Soft MoE (mu, scale)")
+                router_experts = router[1]
+                router_params.add("dense")
             up = _shape(moe, "Mlp", "Dense_0", "kernel")
-            if len(up) != 3 or up[0] != router[1] or up[1] != hidden:
+            if len(up) != 3 or up[0] != router_experts or up[1] != hidden:
                 raise ValueError(f"encoderblock_{b}/Moe/Mlp/Dense_0/kernel has shape {up}, expected "
-                                 f"({router[1]}, {hidden}, mlp_dim)")
+                                 f"({router_experts}, {hidden}, mlp_dim)")
             experts.add(up[0])
             expert_dims.add(up[2])
             moe_layers.append(b)
@@ -465,7 +483,8 @@ def infer_vmoe_architecture(params: Mapping) -> dict:
         else:
             raise ValueError(f"encoderblock_{b} has neither Mlp nor Moe (keys {sorted(block)})")
     for name, values in (("num_heads", heads), ("dense mlp_dim", mlp_dims), ("num_experts", experts),
-                         ("expert mlp_dim", expert_dims)):
+                         ("expert mlp_dim", expert_dims), ("router parameters (dense / Soft MoE)", router_params),
+                         ("Soft MoE slots", slots)):
         if len(values) > 1:
             raise ValueError(f"the checkpoint's blocks differ in {name}: {sorted(values)}")
     arch["encoder.num_heads"] = heads.pop()
@@ -475,6 +494,9 @@ def infer_vmoe_architecture(params: Mapping) -> dict:
     if moe_layers:
         arch["encoder.moe.num_experts"] = experts.pop()
         arch["encoder.moe.mlp_dim"] = expert_dims.pop()
+        arch["router_params"] = router_params.pop()
+        if slots:
+            arch["encoder.moe.router.num_slots"] = slots.pop()
     arch["encoder.mlp_dim"] = mlp_dims.pop() if mlp_dims else arch.get("encoder.moe.mlp_dim")
     if "pre_logits" in params and isinstance(params["pre_logits"], Mapping) and "kernel" in params["pre_logits"]:
         arch["representation_size"] = _shape(params, "pre_logits", "kernel")[1]
@@ -507,7 +529,9 @@ def _expected_paths(arch: Mapping) -> set[str]:
         mlp = f"{block}/Moe/Mlp" if b in arch["encoder.moe.layers"] else f"{block}/Mlp"
         for dense in ("Dense_0", "Dense_1"):
             paths |= {f"{mlp}/{dense}/kernel", f"{mlp}/{dense}/bias"}
-        if b in arch["encoder.moe.layers"]:
+        if b in arch["encoder.moe.layers"] and arch.get("router_params") == "soft":
+            paths |= {f"{block}/Moe/Router/mu", f"{block}/Moe/Router/scale"}
+        elif b in arch["encoder.moe.layers"]:
             paths.add(f"{block}/Moe/Router/dense/kernel")
     return paths
 
@@ -517,8 +541,9 @@ def vmoe_params_to_state_dict(params: Mapping, arch: Mapping | None = None) -> d
 
     Flax kernels are (in, out); torch weights (out, in). Attention kernels are (hidden, heads, head_dim) for
     query/key/value and (heads, head_dim, hidden) for out; expert kernels are stacked (E, in, out) and become
-    `experts.up_proj` / `down_proj` (E, out, in); the router kernel (hidden, E) becomes `router.weight` (E, hidden);
-    the patch embedding (kh, kw, C, D) becomes the Conv2d weight (D, C, kh, kw)."""
+    `experts.up_proj` / `down_proj` (E, out, in); the router kernel (hidden, E) becomes `router.weight` (E, hidden),
+    Soft MoE's slot parameters `mu` (hidden, E, P) `router.weight` (E * P, hidden) (expert-major rows) and its `scale`
+    `router.scale` (a scalar); the patch embedding (kh, kw, C, D) becomes the Conv2d weight (D, C, kh, kw)."""
     arch = dict(arch) if arch is not None else infer_vmoe_architecture(params)
     present = {p for p in _flat_paths(params) if not p.startswith("pre_logits/") or arch["representation_size"]}
     expected = _expected_paths(arch)
@@ -561,7 +586,12 @@ def vmoe_params_to_state_dict(params: Mapping, arch: Mapping | None = None) -> d
         sd[f"{dst}.attention.o_proj.bias"] = t(_get(params, f"{src}/SelfAttention/out/bias"))
         if b in arch["encoder.moe.layers"]:
             mlp = f"{src}/Moe/Mlp"
-            sd[f"{dst}.mlp.router.weight"] = t(_get(params, f"{src}/Moe/Router/dense/kernel").T)
+            if arch.get("router_params") == "soft":
+                mu = _get(params, f"{src}/Moe/Router/mu")
+                sd[f"{dst}.mlp.router.weight"] = t(mu.reshape(hidden, -1).T)
+                sd[f"{dst}.mlp.router.scale"] = t(_get(params, f"{src}/Moe/Router/scale")).reshape(())
+            else:
+                sd[f"{dst}.mlp.router.weight"] = t(_get(params, f"{src}/Moe/Router/dense/kernel").T)
             sd[f"{dst}.mlp.experts.up_proj"] = t(_get(params, f"{mlp}/Dense_0/kernel").transpose(0, 2, 1))
             sd[f"{dst}.mlp.experts.up_proj_bias"] = t(_get(params, f"{mlp}/Dense_0/bias"))
             sd[f"{dst}.mlp.experts.down_proj"] = t(_get(params, f"{mlp}/Dense_1/kernel").transpose(0, 2, 1))
@@ -845,12 +875,18 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
         structural.append(f"encoder.position_emb={position!r}: only learned position embeddings are supported")
     if model.get("encoder.attention_qk_norm"):
         structural.append("encoder.attention_qk_norm=True is not supported")
-    if model.get("encoder.moe.router.name", "NoisyTopExpertsPerItemRouter") != "NoisyTopExpertsPerItemRouter" \
-            and moe_layers:
-        structural.append(f"router {model['encoder.moe.router.name']!r}: only NoisyTopExpertsPerItemRouter is mapped")
-    if model.get("encoder.moe.router.dispatcher.name", "einsum") not in ("einsum", "indices") and moe_layers:
-        structural.append(f"dispatcher {model['encoder.moe.router.dispatcher.name']!r}: only 'einsum' and 'indices' "
-                          "are mapped")
+    router_name = str(model.get("encoder.moe.router.name", "NoisyTopExpertsPerItemRouter"))
+    router_type = _ROUTER_TYPES.get(router_name.rpartition(".")[2])
+    if moe_layers and router_type is None:
+        structural.append(f"router {router_name!r}: the converter maps {', '.join(_ROUTER_TYPES)}")
+    elif moe_layers and arch.get("router_params") and (arch["router_params"] == "soft") != (router_type == "soft"):
+        found = "Soft MoE's mu and scale" if arch["router_params"] == "soft" else "a dense kernel"
+        raise ValueError(f"the checkpoint's routers have {found} but the vmoe config names {router_name!r} "
+                         "(wrong config?)")
+    dispatchers = {"top_k": ("einsum", "indices"), "expert_choice": ("einsum",)}.get(router_type, ("einsum",))
+    if model.get("encoder.moe.router.dispatcher.name", "einsum") not in dispatchers and moe_layers:
+        structural.append(f"dispatcher {model['encoder.moe.router.dispatcher.name']!r}: only "
+                          f"{' and '.join(map(repr, dispatchers))} are mapped for {router_name}")
     if structural:
         raise ValueError("this vmoe model cannot be converted to hf_vmoe:\n" + "\n".join(f"  {s}" for s in structural))
 
@@ -902,21 +938,32 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
         return kwargs, reference, issues
 
     num_experts = int(arch["encoder.moe.num_experts"])
-    k = int(model.get("encoder.moe.router.num_selected_experts", 1))
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"encoder.moe.router.num_selected_experts={k} must be in [1, num_experts={num_experts}]")
-    kwargs.update(num_experts=num_experts, num_experts_per_tok=k,
+    kwargs.update(router_type=router_type, num_experts=num_experts,
                   expert_intermediate_size=int(arch.get("encoder.moe.mlp_dim") or arch["encoder.mlp_dim"]))
     if model.get("encoder.moe.group_size") is None:
         raise ValueError("the vmoe config does not give encoder.moe.group_size (tokens per routing group)")
     group_size = int(model["encoder.moe.group_size"])
+    expert_dropout = float(model.get("encoder.moe.dropout_rate", model.get("encoder.dropout_rate", 0.0)))
+    if expert_dropout:
+        issues.append(_Issue("(none)", "training", f"expert dropout {expert_dropout} (vmoe drops after the experts' "
+                             "GELU and output) is not reproduced"))
+    reference.update(router=router_name, group_size=group_size, expert_dropout_rate=expert_dropout)
+    if router_type == "soft":
+        _map_soft_router(model, arch, kwargs, reference, need, group_size, tokens, num_experts)
+        return kwargs, reference, issues
+    if router_type == "expert_choice":
+        _map_expert_choice_router(model, eval_model, kwargs, reference, need, group_size, num_experts)
+        return kwargs, reference, issues
+    k = int(model.get("encoder.moe.router.num_selected_experts", 1))
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"encoder.moe.router.num_selected_experts={k} must be in [1, num_experts={num_experts}]")
+    kwargs["num_experts_per_tok"] = k
     noise_std = float(model.get("encoder.moe.router.noise_std", 1.0))  # vmoe's defaults (NoisyTopExpertsPerItemRouter)
     importance_w = float(model.get("encoder.moe.router.importance_loss_weight", 1.0))
     load_w = float(model.get("encoder.moe.router.load_loss_weight", 1.0))
     gshard_w = float(model.get("encoder.moe.router.gshard_loss_weight", 0.0))
-    expert_dropout = float(model.get("encoder.moe.dropout_rate", model.get("encoder.dropout_rate", 0.0)))
-    reference.update(group_size=group_size, noise_std=noise_std, importance_loss_weight=importance_w,
-                     load_loss_weight=load_w, gshard_loss_weight=gshard_w, expert_dropout_rate=expert_dropout)
+    reference.update(noise_std=noise_std, importance_loss_weight=importance_w, load_loss_weight=load_w,
+                     gshard_loss_weight=gshard_w)
     kwargs["router_noise_std"] = noise_std / num_experts  # vmoe adds N(0, (noise_std / E)^2), training only
     kwargs["router_importance_loss_coef"] = importance_w
     if need("router_group_size", "training", f"routing groups of {group_size} tokens: vmoe computes capacity "
@@ -936,9 +983,6 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
             "router_aux_loss_layer_reduction", "training", "vmoe sums the auxiliary losses over MoE layers (hf_vmoe "
             "averages them)"):
         kwargs["router_aux_loss_layer_reduction"] = "sum"
-    if expert_dropout:
-        issues.append(_Issue("(none)", "training", f"expert dropout {expert_dropout} (vmoe drops after the experts' "
-                             "GELU and output) is not reproduced"))
 
     def capacity_factor(flat: Mapping, scope: str) -> tuple[float | None, bool]:
         """hf's capacity factor (None = dropless) and batch priority for one scope; records what differs."""
@@ -981,6 +1025,16 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
     if train_factor is not None and eval_factor is not None and train_bpr != eval_bpr:
         issues.append(_Issue("(none)", "training", f"batch priority routing is {train_bpr} in training and {eval_bpr} "
                              "at inference; hf_vmoe has one flag (set to the inference value)"))
+    _map_bfloat16_dispatcher(model, eval_model, kwargs, reference, need)
+    return kwargs, reference, issues
+
+
+_ROUTER_TYPES = {"NoisyTopExpertsPerItemRouter": "top_k", "NoisyTopItemsPerExpertRouter": "expert_choice",
+                 "SoftRouter": "soft"}  # vmoe.nn.routing's two routers, vmoe.projects.soft_moe.router.SoftRouter
+
+
+def _map_bfloat16_dispatcher(model: Mapping, eval_model: Mapping, kwargs: dict, reference: dict, need) -> None:
+    """dispatcher.bfloat16 (top-k and expert choice) -> expert_dispatch_dtype."""
     bf16 = [scope for scope, flat in (("inference", eval_model), ("training", model))
             if flat.get("encoder.moe.router.dispatcher.bfloat16", False)]
     if bf16:
@@ -988,7 +1042,79 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
         if need("expert_dispatch_dtype", bf16[0], "dispatcher.bfloat16=True: vmoe rounds every expert's input and "
                 "output to bfloat16 (without it the logits differ by about 2e-3 of their scale)"):
             kwargs["expert_dispatch_dtype"] = "bfloat16"
-    return kwargs, reference, issues
+
+
+def _map_soft_router(model: Mapping, arch: Mapping, kwargs: dict, reference: dict, need, group_size: int,
+                     tokens: int, num_experts: int) -> None:
+    """vmoe's `SoftRouter` (vmoe/projects/soft_moe/router.py): slots from `num_slots`, or from `capacity_factor`
+    (default 1.0) as round(group_size x factor / E); noise added to the logits unscaled (default 0); always a
+    bfloat16 dispatcher; no auxiliary loss."""
+    if group_size != tokens:
+        raise ValueError(f"Soft MoE with group_size={group_size}: hf_vmoe mixes the tokens of each image, so the "
+                         f"group must be one image ({tokens} tokens); this model cannot be converted")
+    prefix = "encoder.moe.router."
+    factor = model.get(prefix + "capacity_factor", 1.0)
+    slots = model.get(prefix + "num_slots")
+    if slots is None:
+        if factor is None:
+            raise ValueError("the Soft MoE router gives neither num_slots nor capacity_factor")
+        slots = int(round(group_size * float(factor) / num_experts))  # vmoe: compute_capacity(..., "round", 1)
+    in_tree = arch.get(prefix + "num_slots")
+    if in_tree is not None and int(slots) != in_tree:
+        raise ValueError(f"the vmoe config gives {slots} Soft MoE slots per expert (num_slots={model.get(prefix + 'num_slots')!r}, "
+                         f"capacity_factor={factor!r}, group_size={group_size}), the checkpoint's mu has {in_tree}")
+    if int(slots) < 1:
+        raise ValueError(f"the Soft MoE router has {slots} slots per expert; it needs at least 1")
+    noise_std = float(model.get(prefix + "noise_std", 0.0))
+    kwargs.update(num_slots=int(slots), num_experts_per_tok=1, router_noise_std=noise_std)
+    reference.update(num_slots=int(slots), capacity_factor=factor, noise_std=noise_std, bfloat16_dispatch=True)
+    if need("expert_dispatch_dtype", "inference", "vmoe's Soft MoE dispatches through a bfloat16 dispatcher: the "
+            "tokens and the slot outputs are rounded to bfloat16"):
+        kwargs["expert_dispatch_dtype"] = "bfloat16"
+
+
+def _map_expert_choice_router(model: Mapping, eval_model: Mapping, kwargs: dict, reference: dict, need,
+                              group_size: int, num_experts: int) -> None:
+    """vmoe's `NoisyTopItemsPerExpertRouter`: each expert takes the top C tokens of its routing group, C =
+    compute_capacity(group_size, E, capacity_factor, ceil_or_round, multiple_of) (vmoe's defaults "ceil" and 4) or
+    the dispatcher's absolute `capacity`; noise N(0, (noise_std / E)^2) in training (default noise_std 1.0); no
+    auxiliary loss. hf_vmoe's capacity is min(n, ceil(n x factor / E) rounded up to `capacity_multiple_of`): when
+    vmoe's rounding or an absolute capacity cannot be written that way, the factor is set to (C - 1/2) x E / n,
+    whose ceiling is C for the group size n the converter sets."""
+    prefix = "encoder.moe.router."
+    noise_std = float(model.get(prefix + "noise_std", 1.0))
+    kwargs.update(num_experts_per_tok=1, router_noise_std=noise_std / num_experts)
+    reference["noise_std"] = noise_std
+    if need("router_group_size", "inference", f"routing groups of {group_size} tokens: each expert takes its top "
+            "tokens of each group"):
+        kwargs["router_group_size"] = group_size
+        if need("router_group_remainder", "inference", "vmoe's evaluator pads its last batch with zero images"):
+            kwargs["router_group_remainder"] = "pad"
+
+    def capacity(flat: Mapping, scope: str) -> tuple[int, float | None, int | None]:
+        """(vmoe's capacity per group, its factor when hf_vmoe's ceil rule gives the same capacity, multiple_of)."""
+        absolute, factor = flat.get(prefix + "dispatcher.capacity"), flat.get(prefix + "dispatcher.capacity_factor")
+        rounding = flat.get(prefix + "dispatcher.capacity_ceil_or_round", "ceil")
+        multiple = flat.get(prefix + "dispatcher.capacity_multiple_of", 4) or None
+        if (absolute is None) == (factor is None):
+            raise ValueError(f"the {scope} dispatcher must give exactly one of capacity and capacity_factor "
+                             f"(got capacity={absolute!r}, capacity_factor={factor!r})")
+        if absolute is not None:
+            value = int(absolute)
+        else:
+            value = _vmoe_capacity(group_size, 1, num_experts, float(factor), rounding, multiple)
+        reference[f"{scope}_capacity_per_group"] = value
+        plain = float(factor) if absolute is None and rounding == "ceil" else None
+        return value, plain, multiple
+
+    (train_c, train_f, train_m), (eval_c, eval_f, eval_m) = capacity(model, "training"), capacity(eval_model, "inference")
+    if train_f is not None and eval_f is not None and train_m == eval_m:
+        kwargs.update(capacity_factor=train_f, eval_capacity_factor=eval_f, capacity_multiple_of=train_m)
+    else:  # the exact capacities, for groups of group_size tokens
+        kwargs.update(capacity_factor=(train_c - 0.5) * num_experts / group_size,
+                      eval_capacity_factor=(eval_c - 0.5) * num_experts / group_size, capacity_multiple_of=None)
+    kwargs["router_importance_loss_coef"] = 0.0
+    _map_bfloat16_dispatcher(model, eval_model, kwargs, reference, need)
 
 
 # ----------------------------------------------------------------------------------------------------------------

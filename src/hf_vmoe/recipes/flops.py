@@ -72,6 +72,8 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
         shared = 2 * h * width + width + h
     router_outputs = e * config.num_slots if config.router_type == "soft" else e
     per_layer_router = 0 if (config.routing_level == "image" and config.shared_router) else router_outputs * h
+    if config.router_type == "soft":
+        per_layer_router += 1  # the scale of the normalised slot logits
     # expert choice and Soft MoE run every expert on part of every image: all experts are active
     k = e if config.router_type in ("expert_choice", "soft") else k
 
@@ -101,8 +103,9 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
 
 def count_flops(config: VMoEConfig, head: str = "classification", image_size=None, batch_size: int = 1) -> ModelCost:
     """Per-image FLOPs (2 x MACs) and parameters of `config`; `image_size` overrides the config's resolution (the
-    model then interpolates its position embeddings). `batch_size` matters only for expert-choice routing, whose
-    capacity is per routing group (the batch, unless `router_group_size` is set)."""
+    model then interpolates its position embeddings). `batch_size` matters only with `router_group_size`: expert choice's
+    capacity is per routing group (without a group size it routes each image alone at inference), and
+    `router_group_remainder="pad"` runs padding images."""
     b = flop_breakdown(config, image_size, batch_size, head)
     flops = sum(b.values())
     ih, iw = to_pair(image_size if image_size is not None else config.image_size)

@@ -492,7 +492,7 @@ def upcycle(
     dtype = next(vmoe_base.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     missing, unexpected = vmoe_base.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("router.weight")]
+    missing = [k for k in missing if not k.endswith(("router.weight", "router.scale"))]  # routers start fresh
     if missing or unexpected:
         raise RuntimeError(f"upcycling left weights unset: missing={missing}, unexpected={unexpected}")
 
