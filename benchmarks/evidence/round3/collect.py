@@ -39,6 +39,7 @@ c2.EXTRA_PAIRS += [("A3-moe-conf", "A3-moe-lfb"), ("B3-moe-conf-drop", "B3-moe-c
 c2.ROUND, c2.SC_STEP = "round 3", "A3-sc"
 DRIFT_RULE = ("and |mean| > drift, the move of the seed-42 paired difference when both arms are re-run from the "
               "same commit on another machine or instruction set")
+c2.GAIN_RULE = f"{c2.GAIN_RULE}, {DRIFT_RULE}"  # the tables state the rule in force
 
 
 def train_accuracy(results: dict) -> None:
@@ -107,7 +108,7 @@ def main():
     if not args.skip_reload:
         train_accuracy(results)
     results["machine"] = machine_facts(log)
-    results["gain_rule"] = f"{c2.GAIN_RULE}, {DRIFT_RULE}"
+    results["gain_rule"] = c2.GAIN_RULE
     apply_drift(results, drift)
     if drift is not None:
         results["drift_runs"] = {n: {"metric": r["metric"], "seed": r["seed"]} for n, r in drift["runs"].items()}
