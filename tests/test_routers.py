@@ -564,3 +564,28 @@ def test_soft_moe_checkpoint_in_the_old_layout_is_refused(tmp_path):
         with pytest.raises(VMoECheckpointMismatchError, match=r"old layout .*router\.weight without 'scale'.*"
                                                               r"L2-normalised tokens and slot parameters"):
             VMoEForImageClassification.from_pretrained(tmp_path, **options)
+
+
+def test_register_router_checks_its_arguments_and_enables_the_name():
+    from hf_vmoe.configuration_vmoe import ROUTER_LEVELS
+    from hf_vmoe.modeling_vmoe import ROUTER_CLASSES, VMoETopKRouter, register_router
+
+    with pytest.raises(ValueError, match="router_type must be one of"):
+        tiny_config(router_type="mine")
+    with pytest.raises(TypeError, match="VMoERouter subclass"):
+        register_router("mine", torch.nn.Linear)
+    with pytest.raises(ValueError, match="routing_levels"):
+        register_router("mine", VMoETopKRouter, routing_levels=("pixel",))
+
+    class ImageRouter(VMoETopKRouter):  # a built-in router under a new name, for whole images only
+        pass
+
+    try:
+        register_router("mine", ImageRouter, routing_levels=("image",))
+        model = VMoEForImageClassification(tiny_config(router_type="mine", moe_layers=(2, 3)))
+        assert isinstance(model.vmoe.encoder.router, ImageRouter)  # the shared image router too
+        with pytest.raises(ValueError, match="router_type='mine' routes images"):
+            tiny_config(router_type="mine", routing_level="token")
+    finally:
+        ROUTER_CLASSES.pop("mine", None)
+        ROUTER_LEVELS.pop("mine", None)

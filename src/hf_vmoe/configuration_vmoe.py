@@ -15,7 +15,8 @@ ROUTING_LEVELS = ("image", "token")
 ROUTER_INPUTS = ("cls", "mean")
 POOLINGS = ("cls", "mean", "cls_mean")
 TRAIN_ROUTINGS = ("router", "superclass")
-ROUTER_TYPES = ("top_k", "expert_choice", "soft")
+# router_type -> the routing levels it supports; `hf_vmoe.modeling_vmoe.register_router` adds entries
+ROUTER_LEVELS = {"top_k": ("image", "token"), "expert_choice": ("token",), "soft": ("token",)}
 GROUP_REMAINDERS = ("error", "partial", "pad")
 LAYER_REDUCTIONS = ("mean", "sum")
 DISPATCH_DTYPES = ("bfloat16",)
@@ -340,7 +341,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         """Choices and the combinations of routing fields that fit together."""
         choices = {
             "hidden_act": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"),
-            "pooling": POOLINGS, "routing_level": ROUTING_LEVELS, "router_type": ROUTER_TYPES,
+            "pooling": POOLINGS, "routing_level": ROUTING_LEVELS, "router_type": tuple(ROUTER_LEVELS),
             "router_input": ROUTER_INPUTS, "train_routing": TRAIN_ROUTINGS,
             "router_group_remainder": GROUP_REMAINDERS, "router_aux_loss_layer_reduction": LAYER_REDUCTIONS,
         }
@@ -353,10 +354,11 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.routing_level == "token" and self.shared_router:
             raise ValueError("shared_router=True is only supported with routing_level='image' (got 'token')")
-        if self.router_type != "top_k" and self.routing_level != "token":
+        levels = ROUTER_LEVELS[self.router_type]
+        if self.routing_level not in levels:
             raise ValueError(
-                f"router_type={self.router_type!r} routes tokens: it needs routing_level='token', "
-                f"got {self.routing_level!r}"
+                f"router_type={self.router_type!r} routes {' or '.join(f'{x}s' for x in levels)}: it needs "
+                f"routing_level={' or '.join(repr(x) for x in levels)}, got {self.routing_level!r}"
             )
         if self.router_bias_update_rate and self.router_type != "top_k":
             raise ValueError(

@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_vmoe import VMoEConfig, to_pair
+from .configuration_vmoe import ROUTER_LEVELS, VMoEConfig, to_pair
 
 logger = logging.get_logger(__name__)
 
@@ -319,10 +319,16 @@ class VMoERouting:
     `dispatch` gives the experts interface its inputs: rows `(R, H)` and their `(R, k)` expert assignments and
     weights; `combine` brings the `(R, H)` expert outputs back to `(B, S, H)`. Subclasses set `logits` (float32,
     before noise, for the losses) and `balanced` (True when the load is balanced by construction, so balancing
-    losses do not apply)."""
+    losses do not apply). A plan computes its own auxiliary loss (`aux_loss`); `seq_len` is set by plans that route
+    whole images of `seq_len` tokens (their router can learn super-classes)."""
 
     logits: torch.Tensor
     balanced: bool = False
+    seq_len: int | None = None
+
+    def aux_loss(self, config: VMoEConfig) -> torch.Tensor:
+        """This router call's auxiliary losses, weighted by the config's coefficients (float32 scalar); none here."""
+        return self.logits.new_zeros(())
 
     def dispatch(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -397,6 +403,29 @@ class TopKRouting(VMoERouting):
         out = expert_output.new_zeros(hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1])
         return out.index_copy(0, self.rows, expert_output).view(hidden_states.shape)
 
+    def aux_loss(self, config):
+        """The z-loss, and the balancing losses per routing group (mean over groups): switch (E * sum_e f_e * P_e,
+        f_e the share of assignments to expert e, P_e its mean probability), V-MoE importance (squared coefficient
+        of variation of the per-expert probability mass) and, trained with noise, V-MoE load (`vmoe_load_loss`)."""
+        logits, num_experts = self.logits, config.num_experts
+        loss = z_loss(logits, config)
+        groups = (1, logits.shape[0], 0) if self.seq_len else routing_groups(logits.shape[0], config)
+        probs = group_parts(logits.softmax(dim=-1), groups)  # [(G, n, E)]: the full groups, a last partial one
+        if config.router_aux_loss_coef:
+            assigned = F.one_hot(self.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
+            fraction = [a.mean(dim=1) / self.top_k_index.shape[1] for a in group_parts(assigned, groups)]
+            switch = torch.cat([num_experts * (f * p.mean(dim=1)).sum(dim=-1) for f, p in zip(fraction, probs)])
+            loss = loss + config.router_aux_loss_coef * switch.mean()
+        if config.router_importance_loss_coef:
+            importance = [p.sum(dim=1) for p in probs]  # (G, E)
+            cv2 = torch.cat([i.var(dim=-1, unbiased=False) / (i.mean(dim=-1) ** 2 + 1e-9) for i in importance])
+            loss = loss + config.router_importance_loss_coef * cv2.mean()
+        if config.router_load_loss_coef and self.noisy_logits is not None:
+            load = torch.cat([vmoe_load_loss(clean, rough, self.top_k_index.shape[1], config.router_noise_std)
+                              for clean, rough in zip(group_parts(logits, groups), group_parts(self.noisy_logits, groups))])
+            loss = loss + config.router_load_loss_coef * load.mean()
+        return loss
+
     def expert_counts(self, num_experts):
         assigned = F.one_hot(self.top_k_index, num_experts)  # (N, k, E)
         if self.keep is not None:
@@ -463,6 +492,9 @@ class ExpertChoiceRouting(VMoERouting):
     expert_index: torch.Tensor
     weights: torch.Tensor
     balanced = True
+
+    def aux_loss(self, config):
+        return z_loss(self.logits, config)  # balanced by construction: no balancing loss
 
     def apply(self, experts, hidden_states):
         if experts.implementation != "eager":
@@ -855,6 +887,21 @@ class VMoESoftRouter(VMoERouter):
 ROUTER_CLASSES = {"top_k": VMoETopKRouter, "expert_choice": VMoEExpertChoiceRouter, "soft": VMoESoftRouter}
 
 
+def register_router(name: str, router_class: type[VMoERouter], routing_levels: tuple[str, ...] = ("token",)) -> None:
+    """Make `VMoEConfig(router_type=name)` build `router_class` in every MoE block, from user code: a `VMoERouter`
+    subclass whose `forward(hidden_states (B, S, H), superclass_labels=None)` returns `(router_logits, plan)`, the
+    plan a `VMoERouting` (its `aux_loss` is the router's own losses). `routing_levels`: the `routing_level` values
+    it supports. A saved model with this router loads where the same registration has run (remote code carries only
+    the built-in routers)."""
+    if not (isinstance(router_class, type) and issubclass(router_class, VMoERouter)):
+        raise TypeError(f"router_class must be a VMoERouter subclass, got {router_class!r}")
+    bad = [level for level in routing_levels if level not in ("image", "token")]
+    if bad or not routing_levels:
+        raise ValueError(f"routing_levels must be a non-empty subset of ('image', 'token'), got {routing_levels!r}")
+    ROUTER_CLASSES[name] = router_class
+    ROUTER_LEVELS[name] = tuple(routing_levels)
+
+
 @torch.no_grad()
 def update_router_biases(model: nn.Module) -> bool:
     """Loss-free balancing (Wang et al. 2024): after an optimizer step, move every balancing router's selection
@@ -889,6 +936,13 @@ def _record_router_loads(encoder: nn.Module, expert_counts: torch.Tensor) -> Non
             router.record_load(counts)
 
 
+def z_loss(logits: torch.Tensor, config: VMoEConfig) -> torch.Tensor:
+    """ST-MoE's router z-loss, mean squared logsumexp of the logits, weighted by `router_z_loss_coef`."""
+    if not config.router_z_loss_coef:
+        return logits.new_zeros(())
+    return logits.new_zeros(()) + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
 def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
     """V-MoE's load loss per routing group: logits / noisy_logits (G, n, E) -> (G,).
 
@@ -904,44 +958,19 @@ def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int,
 def vmoe_routing_loss(
     routings: tuple[VMoERouting, ...], config: VMoEConfig, superclass_labels: torch.Tensor | None = None
 ) -> dict:
-    """The aux loss and routing statistics of one forward's plans (float32). Per router call: the switch
-    load-balancing loss (E * sum_e f_e * P_e, f_e the share of assignments to expert e, P_e its mean probability),
-    the V-MoE importance loss (squared coefficient of variation of the per-expert probability mass) and, for top-k
-    routers trained with noise, the V-MoE load loss (`vmoe_load_loss`), each per routing group (mean over groups)
-    and only for routers not balanced by construction, and the ST-MoE z-loss (mean squared logsumexp); combined
-    over router calls by `router_aux_loss_layer_reduction` (mean or sum); plus the super-class cross-entropy of
-    image routers given super-class labels.
+    """The aux loss and routing statistics of one forward's plans (float32): each router call's own losses
+    (`VMoERouting.aux_loss`), combined over router calls by `router_aux_loss_layer_reduction` (mean or sum), plus the
+    super-class cross-entropy of image routers given super-class labels.
 
     Returns the `ROUTING_FIELDS` of the model outputs except `router_logits`."""
     num_experts = config.num_experts
     total = []
     ce, acc = [], []
     for plan in routings:
-        logits = plan.logits
-        loss = logits.new_zeros(())
-        if isinstance(plan, (TopKRouting, ExpertChoiceRouting)) and config.router_z_loss_coef:
-            loss = loss + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        if not plan.balanced:
-            groups = (1, logits.shape[0], 0) if plan.seq_len else routing_groups(logits.shape[0], config)
-            probs = group_parts(logits.softmax(dim=-1), groups)  # [(G, n, E)]: the full groups, a last partial one
-            if config.router_aux_loss_coef:
-                assigned = F.one_hot(plan.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-                fraction = [a.mean(dim=1) / plan.top_k_index.shape[1] for a in group_parts(assigned, groups)]
-                switch = torch.cat([num_experts * (f * p.mean(dim=1)).sum(dim=-1) for f, p in zip(fraction, probs)])
-                loss = loss + config.router_aux_loss_coef * switch.mean()
-            if config.router_importance_loss_coef:
-                importance = [p.sum(dim=1) for p in probs]  # (G, E)
-                cv2 = torch.cat([i.var(dim=-1, unbiased=False) / (i.mean(dim=-1) ** 2 + 1e-9) for i in importance])
-                loss = loss + config.router_importance_loss_coef * cv2.mean()
-            noisy = getattr(plan, "noisy_logits", None)
-            if config.router_load_loss_coef and noisy is not None:
-                load = torch.cat([vmoe_load_loss(clean, rough, plan.top_k_index.shape[1], config.router_noise_std)
-                                  for clean, rough in zip(group_parts(logits, groups), group_parts(noisy, groups))])
-                loss = loss + config.router_load_loss_coef * load.mean()
-        if superclass_labels is not None and isinstance(plan, TopKRouting) and plan.seq_len is not None:
-            ce.append(F.cross_entropy(logits, superclass_labels))
-            acc.append((logits.argmax(-1) == superclass_labels).float().mean())
-        total.append(loss)
+        total.append(plan.aux_loss(config))
+        if superclass_labels is not None and plan.seq_len is not None:
+            ce.append(F.cross_entropy(plan.logits, superclass_labels))
+            acc.append((plan.logits.argmax(-1) == superclass_labels).float().mean())
     total = torch.stack(total)
     aux_loss = total.sum() if config.router_aux_loss_layer_reduction == "sum" else total.mean()
     stats = {"superclass_loss": None, "superclass_accuracy": None}
@@ -1535,7 +1564,7 @@ class VMoEEncoder(VMoEPreTrainedModel):
         super().__init__(config)
         self.layer = nn.ModuleList([VMoELayer(config, i) for i in range(config.num_hidden_layers)])
         shared = config.is_moe and config.routing_level == "image" and config.shared_router
-        self.router = VMoETopKRouter(config) if shared else None
+        self.router = ROUTER_CLASSES[config.router_type](config) if shared else None
         self.first_moe_layer = config.moe_layers[0] if config.is_moe else -1
         self.post_init()
 
@@ -1834,6 +1863,7 @@ __all__ = [
     "SoftRouting",
     "VMoECheckpointMismatchError",
     "vmoe_routing_loss",
+    "register_router",
     "update_router_biases",
     "flop_breakdown",
     "VMoEModelOutput",
