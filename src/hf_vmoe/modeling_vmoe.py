@@ -609,12 +609,12 @@ def routing_groups(num_items: int, config: VMoEConfig) -> tuple[int, int, int]:
 
 def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, record: bool = False) -> int:
     """Images of padding for `router_group_remainder="pad"` at inference: the fewest all-zero images that make the
-    batch's tokens fill whole routing groups (0 when they do, and when routing groups cannot change the outputs:
-    dropless top-k without routing losses (`record`), Soft MoE)."""
+    batch's tokens fill whole routing groups (0 when they do, and when the router says routing groups cannot change
+    its outputs: `VMoERouter.groups_matter`)."""
     size = config.router_group_size
-    if size is None or config.router_group_remainder != "pad" or not config.is_moe or config.router_type == "soft":
+    if size is None or config.router_group_remainder != "pad" or not config.is_moe:
         return 0
-    if config.router_type == "top_k" and config.eval_capacity_factor is None and not record:
+    if not ROUTER_CLASSES[config.router_type].groups_matter(config, record):
         return 0
     if (batch_size * tokens_per_image) % size == 0:
         return 0
@@ -686,6 +686,34 @@ class VMoERouter(nn.Module):
         last group of r items (`router_group_size`, `router_group_remainder`)."""
         return routing_groups(num_items, self.config)
 
+    # What FLOP / parameter counting and group padding ask of a router type (class methods: no instance needed).
+    # The defaults describe a router that sends each token to k experts through one linear layer.
+
+    @classmethod
+    def groups_matter(cls, config: VMoEConfig, record: bool) -> bool:
+        """Whether routing groups can change the outputs at inference (`record`: routing losses are computed), so
+        that `router_group_remainder="pad"` pads a batch to whole groups."""
+        return True
+
+    @classmethod
+    def expert_rows(cls, config: VMoEConfig, tokens_per_image: int, images: int) -> float:
+        """Rows the experts compute per image and MoE block at inference, in a batch of `images` images."""
+        return config.num_experts_per_tok * tokens_per_image
+
+    @classmethod
+    def token_flops(cls, config: VMoEConfig, tokens_per_image: int) -> dict[str, int]:
+        """FLOPs per image and MoE block of the router of a token-routing block, by `flop_breakdown` component."""
+        return {"router": 2 * tokens_per_image * config.hidden_size * config.num_experts}
+
+    @classmethod
+    def active_experts(cls, config: VMoEConfig) -> int:
+        """Experts that compute part of every image (for the active parameter count)."""
+        return config.num_experts_per_tok
+
+    @classmethod
+    def num_parameters(cls, config: VMoEConfig) -> int:
+        return config.num_experts * config.hidden_size
+
 
 class VMoETopKRouter(VMoERouter):
     """Top-k routing (V-MoE, Mobile V-MoE): softmax over experts, each item takes its k best; capacity with
@@ -737,6 +765,10 @@ class VMoETopKRouter(VMoERouter):
             top_k_weights = top_k_weights * keep
         return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
                                    noisy if noisy is not logits else None)
+
+    @classmethod
+    def groups_matter(cls, config, record):
+        return config.eval_capacity_factor is not None or record  # dropless top-k without losses: per item
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, E) probabilities -> the k chosen experts' probabilities and ids (N, k); with loss-free balancing the
@@ -824,6 +856,21 @@ class VMoEExpertChoiceRouter(VMoERouter):
     without `router_group_size`, a group is the batch in training and one image at inference, so inference is
     batch-invariant; with it, groups of that many tokens in both."""
 
+    @classmethod
+    def expert_rows(cls, config, tokens_per_image, images):
+        """Each expert's capacity in every routing group (one image at inference without `router_group_size`)."""
+        tokens = images * tokens_per_image
+        group = config.router_group_size or tokens_per_image
+        full, rest = divmod(tokens, group)
+        parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
+        rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, config.num_experts,
+                                                     config.capacity_multiple_of)) for count, size in parts)
+        return config.num_experts * rows / images
+
+    @classmethod
+    def active_experts(cls, config):
+        return config.num_experts  # every expert takes tokens of every group
+
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         items = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
         logits = self.compute_logits(items)  # (N, E)
@@ -867,6 +914,28 @@ class VMoESoftRouter(VMoERouter):
     def __init__(self, config: VMoEConfig):
         super().__init__(config, num_outputs=config.num_experts * config.num_slots)
         self.scale = nn.Parameter(torch.ones((), dtype=torch.float32))
+
+    @classmethod
+    def groups_matter(cls, config, record):
+        return False  # an image's slots mix its own tokens only
+
+    @classmethod
+    def expert_rows(cls, config, tokens_per_image, images):
+        return config.num_experts * config.num_slots  # one row per slot
+
+    @classmethod
+    def token_flops(cls, config, tokens_per_image):
+        slots = config.num_experts * config.num_slots
+        return {"router": 2 * tokens_per_image * config.hidden_size * slots,  # the (t x H) by (H x E * P) logits
+                "soft_dispatch_combine": 2 * 2 * tokens_per_image * slots * config.hidden_size}
+
+    @classmethod
+    def active_experts(cls, config):
+        return config.num_experts  # every expert computes slots of every image
+
+    @classmethod
+    def num_parameters(cls, config):
+        return config.num_experts * config.num_slots * config.hidden_size + 1  # mu and the scale
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         if torch.is_autocast_enabled(hidden_states.device.type):
@@ -1242,18 +1311,8 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     padded = batch_size + group_padding(config, batch_size, t)  # images the blocks run, real and padding
     # an image router: its linear layer, and the mean of the patch tokens, a matmul over all t tokens
     image_router = 2 * h * e + (2 * t * h if config.router_input == "mean" else 0)
-    if config.router_type == "expert_choice":
-        tokens = padded * t
-        group = config.router_group_size or t  # no group size: each image alone at inference
-        full, rest = divmod(tokens, group)
-        parts = [(full, group)] + ([(1, rest)] if rest and config.router_group_remainder == "partial" else [])
-        rows = sum(count * min(size, expert_capacity(size, config.capacity_factor or 1.0, e,
-                                                     config.capacity_multiple_of)) for count, size in parts)
-        rows = e * rows / padded  # rows per image run, over all experts
-    elif config.router_type == "soft":
-        rows = e * config.num_slots
-    else:
-        rows = k * t
+    router = ROUTER_CLASSES[config.router_type]  # each router type says what its blocks compute
+    rows = router.expert_rows(config, t, padded)
     for idx in range(config.num_hidden_layers):
         b["attention_projections"] += 4 * 2 * t * h * h
         b["attention_matmuls"] += 2 * 2 * t * t * h
@@ -1263,11 +1322,9 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         b["experts"] += int(rows * per_row)
         if config.num_shared_experts:
             b["shared_experts"] += 2 * 2 * t * h * config.num_shared_experts * config.shared_expert_intermediate_size
-        if config.router_type == "soft":
-            b["router"] += 2 * t * h * e * config.num_slots
-            b["soft_dispatch_combine"] += 2 * 2 * t * e * config.num_slots * h
-        elif config.routing_level == "token":
-            b["router"] += 2 * t * h * e
+        if config.routing_level == "token":
+            for name, value in router.token_flops(config, t).items():
+                b[name] += value
         elif not config.shared_router:
             b["router"] += image_router
     if config.is_moe and config.routing_level == "image" and config.shared_router:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..configuration_vmoe import VMoEConfig, to_pair
-from ..modeling_vmoe import flop_breakdown
+from ..modeling_vmoe import ROUTER_CLASSES, flop_breakdown
 
 
 @dataclass
@@ -70,12 +70,9 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
     if config.num_shared_experts:
         width = config.num_shared_experts * config.shared_expert_intermediate_size
         shared = 2 * h * width + width + h
-    router_outputs = e * config.num_slots if config.router_type == "soft" else e
-    per_layer_router = 0 if (config.routing_level == "image" and config.shared_router) else router_outputs * h
-    if config.router_type == "soft":
-        per_layer_router += 1  # the scale of the normalised slot logits
-    # expert choice and Soft MoE run every expert on part of every image: all experts are active
-    k = e if config.router_type in ("expert_choice", "soft") else k
+    router = ROUTER_CLASSES[config.router_type]  # its parameters and how many experts every image uses
+    per_layer_router = 0 if (config.routing_level == "image" and config.shared_router) else router.num_parameters(config)
+    k = router.active_experts(config)
 
     total = active = embed + 2 * h  # + final layer norm
     for idx in range(config.num_hidden_layers):
