@@ -10,6 +10,9 @@ import operator
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ROUTING_LEVELS = ("image", "token")
 ROUTER_INPUTS = ("cls", "mean")
@@ -227,6 +230,32 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         )
         super().__post_init__(**kwargs)
         self.check_vmoe()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`, and a new label set resets the super-class map, which maps the old one.
+
+        Fine-tuning to new labels (`from_pretrained(DIR, num_labels=N, ignore_mismatched_sizes=True)`, or a new
+        `id2label`) drops a saved `superclass_ids` of another length: the router then trains as a learned router
+        (no super-class loss) until a new map is set. An explicit `superclass_ids=` kwarg is used as given."""
+        config_dict = dict(config_dict)
+        for name in ("superclass_ids", "train_routing"):  # set before construction, which checks them together
+            if name in kwargs:
+                config_dict[name] = kwargs.pop(name)
+        saved = config_dict.get("superclass_ids")
+        new_id2label = kwargs.get("id2label")
+        num_labels = kwargs.get("num_labels", len(new_id2label) if new_id2label is not None else None)
+        if saved is not None and num_labels is not None and len(saved) != num_labels:
+            config_dict["superclass_ids"] = None
+            logger.warning(
+                f"superclass_ids reset to None: the saved map has {len(saved)} entries (one per old label) but "
+                f"num_labels is now {num_labels}. The router trains as a learned router, without the super-class "
+                "loss, until a new map is set (config.superclass_ids, e.g. from `hf-vmoe superclasses from-model`)."
+            )
+        if config_dict.get("superclass_ids") is None and config_dict.get("train_routing") == "superclass":
+            config_dict["train_routing"] = "router"
+            logger.warning("train_routing 'superclass' -> 'router': there is no super-class map to route by")
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def is_moe(self) -> bool:
