@@ -48,7 +48,7 @@ from transformers import (
 import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
 from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
-from hf_vmoe.integrations.data import metric_path, parse_config_overrides, size_dict
+from hf_vmoe.integrations.data import check_imagefolder, metric_path, parse_config_overrides, size_dict
 from hf_vmoe.integrations.hub import SCRATCH, build_model_card
 from hf_vmoe.recipes.presets import get_preset
 from hf_vmoe.integrations.script_defaults import apply_script_defaults
@@ -80,6 +80,9 @@ class DataTrainingArguments:
     def __post_init__(self):
         if self.dataset_name is None and self.train_dir is None:
             raise ValueError("give --dataset_name or --train_dir (an imagefolder)")
+        for option in ("train_dir", "validation_dir"):  # named here, not as datasets' "corresponds to no data!"
+            if getattr(self, option) is not None:
+                check_imagefolder(getattr(self, option), f"--{option}")
         if not 0.0 < self.superclass_heldout_share < 1.0:
             raise ValueError(f"--superclass_heldout_share must be in (0, 1), got {self.superclass_heldout_share}")
 

@@ -2,10 +2,13 @@
 errors before upstream's, import noise, a fast `hf-vmoe --help`, docs that match a run."""
 
 import logging
+import re
+import sys
 
 import pytest
 import torch
 from conftest import tiny_config
+from PIL import Image
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hf_vmoe import VMoEForImageClassification
@@ -57,3 +60,118 @@ def test_trainer_fine_tunes_a_superclass_moe_on_new_labels(superclass_moe, tmp_p
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3]), losses
     assert not torch.equal(model.vmoe.encoder.router.weight.detach(), router_before)  # the router learns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. a missing optional dependency names the extra that installs it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    path = tmp_path / "model"
+    VMoEForImageClassification(tiny_config()).save_pretrained(path)
+    return path
+
+
+def test_export_without_the_onnx_extra_names_it(saved_model, tmp_path, monkeypatch, capsys):
+    from hf_vmoe_cli import main
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` raises ModuleNotFoundError
+    assert main(["export", str(saved_model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert 'ONNX export needs onnxscript, which is not installed: pip install "hf-vmoe[onnx]"' in err
+    assert "Traceback" not in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("module, extra", [("onnxruntime", "onnx"), ("executorch.exir", "executorch"),
+                                           ("torchao", "executorch")])
+def test_require_names_the_extra(module, extra, monkeypatch):
+    from hf_vmoe.integrations.extras import require
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=re.escape(f'pip install "hf-vmoe[{extra}]"')):
+        require(module, purpose="this")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. our own errors before upstream's
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "runs/no/such-model"])
+def test_a_mistyped_local_folder_is_named(path):
+    from hf_vmoe import VMoEConfig
+
+    for load in (VMoEConfig.from_pretrained, VMoEForImageClassification.from_pretrained):
+        with pytest.raises(OSError, match=f"model folder {re.escape(repr(path))} does not exist"):
+            load(path)
+
+
+@pytest.mark.parametrize("verb", [["analyze", "--data-dir", "."], ["export", "--format", "onnx", "-o", "x.onnx"]])
+def test_cli_names_a_mistyped_model_folder(verb, capsys):
+    from hf_vmoe_cli import main
+
+    assert main([verb[0], "./no-such-model", *verb[1:]]) == 2
+    assert "hf-vmoe: error: model folder './no-such-model' does not exist" in capsys.readouterr().err
+
+
+def _imagefolder(root, classes, per_class=2, mode="RGB"):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new(mode, (32, 32), color=(i * 40,) * len(mode)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "no such folder"), ("flat", "has no class sub-folders"), ("empty", "hold no images")])
+def test_check_imagefolder_names_the_folder(tmp_path, layout, message):
+    from hf_vmoe.integrations.data import check_imagefolder
+
+    root = tmp_path / "train"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "flat":
+        Image.new("RGB", (8, 8)).save(root / "a.png")
+    if layout == "empty":
+        (root / "cat").mkdir()
+    with pytest.raises(ValueError, match=f"--train_dir {re.escape(str(root))}.*{message}"):
+        check_imagefolder(root, "--train_dir")
+
+
+def test_classification_example_checks_train_dir_first(tmp_path):
+    from conftest import load_example
+
+    example = load_example("run_image_classification")
+    with pytest.raises(ValueError, match=f"--train_dir {re.escape(str(tmp_path / 'nope'))}: no such folder"):
+        example.DataTrainingArguments(train_dir=str(tmp_path / "nope"))
+
+
+def test_analyze_names_classes_the_model_does_not_have(tmp_path, capsys):
+    from hf_vmoe_cli import main
+
+    config = tiny_config(num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    VMoEForImageClassification(config).save_pretrained(tmp_path / "model")
+    data = _imagefolder(tmp_path / "data", ["cat", "dog", "emu"])
+    assert main(["analyze", str(tmp_path / "model"), "--data-dir", str(data), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "class folders ['emu'] are not classes of the model" in capsys.readouterr().err
+    unnamed = _imagefolder(tmp_path / "unnamed", ["a", "b", "c"])
+    VMoEForImageClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / "model2")
+    assert main(["analyze", str(tmp_path / "model2"), "--data-dir", str(unnamed), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "has 3 class folders but the model has 2 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L"])
+def test_image_processor_converts_to_rgb(mode):
+    from hf_vmoe import VMoEImageProcessor
+
+    processor = VMoEImageProcessor(size={"height": 32, "width": 32})
+    source = Image.new("RGBA", (40, 30), color=(200, 100, 50, 128))
+    image = (source if "A" in mode else source.convert("RGB")).convert(mode)
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    # as transformers' pipelines: transparent pixels over white
+    rgb = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
+    expected = processor(images=rgb, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels, expected)

@@ -6,6 +6,7 @@ routed to experts (whole images as in Mobile V-MoE, or tokens as in V-MoE / ViMo
 """
 
 import operator
+import os
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -28,6 +29,21 @@ EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 def to_pair(value) -> tuple[int, int]:
     """`image_size` / `patch_size` as a (height, width) pair."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def check_local_path(name_or_path) -> None:
+    """Raise an OSError naming `name_or_path` when it is written as a local path (absolute, starting with `./`,
+    `../` or `~`, or with more than one `/`, which a Hub repo id never has) and does not exist: transformers would
+    take it for a Hub repo id and fail with "Repo id must be in the form ...", which hides the mistyped path."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    text = os.fspath(name_or_path)
+    separators = {"/", os.sep, os.altsep} - {None}
+    looks_local = (isinstance(name_or_path, os.PathLike) or text.startswith(("./", "../", "~")) or os.path.isabs(text)
+                   or text.count("/") > 1 or any(sep in text for sep in separators - {"/"}))
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise OSError(f"model folder {text!r} does not exist ({os.path.abspath(os.path.expanduser(text))}); "
+                      "check the path")
 
 
 def last_layers(num_hidden_layers: int, count: int) -> tuple[int, ...]:
@@ -232,6 +248,12 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         self.check_vmoe()
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.get_config_dict`, with a clear error for a mistyped local folder (`check_local_path`)."""
+        check_local_path(pretrained_model_name_or_path)
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """As `PreTrainedConfig.from_dict`, and a new label set resets the super-class map, which maps the old one.
 
@@ -416,4 +438,4 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             )
 
 
-__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers", "to_pair"]
+__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers", "to_pair", "check_local_path"]
