@@ -80,9 +80,6 @@ class DataTrainingArguments:
     def __post_init__(self):
         if self.dataset_name is None and self.train_dir is None:
             raise ValueError("give --dataset_name or --train_dir (an imagefolder)")
-        for option in ("train_dir", "validation_dir"):  # named here, not as datasets' "corresponds to no data!"
-            if getattr(self, option) is not None:
-                check_imagefolder(getattr(self, option), f"--{option}")
         if not 0.0 < self.superclass_heldout_share < 1.0:
             raise ValueError(f"--superclass_heldout_share must be in (0, 1), got {self.superclass_heldout_share}")
 
@@ -135,6 +132,9 @@ def load_data(data_args, cache_dir=None):
     if data_args.dataset_name is not None:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     else:
+        for option in ("train_dir", "validation_dir"):  # named here, not as datasets' "corresponds to no data!"
+            if getattr(data_args, option) is not None:
+                check_imagefolder(getattr(data_args, option), f"--{option}")
         data_files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
@@ -323,9 +323,9 @@ def main(argv=None):
     metrics = {}
     if training_args.do_eval:
         metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)  # numbers only: RouterStatsCallback logs the routing health line
         if router_stats is not None and router_stats.health is not None:
             metrics["eval_routing_health"] = router_stats.health["summary"]
-        trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     if model_args.compute_superclasses:
@@ -367,7 +367,9 @@ def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train
                          "split": "validation" if data_args.validation_dir or data_args.dataset_name
                          else f"{data_args.train_val_split:.0%} of train"}]
     config = trainer.model.config
-    load = [metrics[f"eval_expert_load_{e}"] for e in range(config.num_experts) if f"eval_expert_load_{e}" in metrics]
+    # the card's unit is each expert's share of the routed items; the logs give multiples of a balanced share
+    load = [metrics[f"eval_expert_load_{e}"] / config.num_experts for e in range(config.num_experts)
+            if f"eval_expert_load_{e}" in metrics]
     training = {"learning rate": args.learning_rate, "train batch size (per device)": args.per_device_train_batch_size,
                 "epochs": args.num_train_epochs if args.max_steps <= 0 else f"max_steps {args.max_steps}",
                 "optimizer steps": steps, "seed": args.seed}

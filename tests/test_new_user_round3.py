@@ -2,8 +2,11 @@
 errors before upstream's, import noise, a fast `hf-vmoe --help`, docs that match a run."""
 
 import logging
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +148,7 @@ def test_classification_example_checks_train_dir_first(tmp_path):
 
     example = load_example("run_image_classification")
     with pytest.raises(ValueError, match=f"--train_dir {re.escape(str(tmp_path / 'nope'))}: no such folder"):
-        example.DataTrainingArguments(train_dir=str(tmp_path / "nope"))
+        example.load_data(example.DataTrainingArguments(train_dir=str(tmp_path / "nope")))
 
 
 def test_analyze_names_classes_the_model_does_not_have(tmp_path, capsys):
@@ -175,3 +178,90 @@ def test_image_processor_converts_to_rgb(mode):
     expected = processor(images=rgb, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     torch.testing.assert_close(pixels, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. no noise: a silent import, exports without the exporters' chatter, one unit of expert load
+# ----------------------------------------------------------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _python(code, *args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def test_import_prints_nothing(tmp_path):
+    done = _python("import hf_vmoe; from transformers import AutoConfig; print(AutoConfig.for_model('vmoe').model_type)",
+                   cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == "vmoe\n" and done.stderr == "", done.stderr
+
+
+@pytest.mark.slow
+def test_exports_print_no_exporter_chatter(saved_model, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("executorch.runtime")
+    code = ("import sys; from hf_vmoe_cli import main\n"
+            "for fmt, out in (('onnx', 'm.onnx'), ('executorch', 'm.pte')):\n"
+            "    assert main(['export', sys.argv[1], '--format', fmt, '-o', out]) == 0")
+    done = _python(code, str(saved_model), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote m.onnx" in done.stdout and "wrote m.pte" in done.stdout
+    for chatter in ("torchvision is not installed", "cpuinfo_utils", "Failed to load", "pytree"):
+        assert chatter not in done.stderr, done.stderr
+
+
+def test_expert_load_is_one_unit_in_the_logs():
+    from hf_vmoe.integrations.callbacks import _RunningStats
+
+    stats = _RunningStats()
+    stats.add_counts(torch.tensor([[6.0, 3.0, 1.0, 0.0]]))  # shares 0.6, 0.3, 0.1, 0 of 4 experts
+    summary = stats.summary("eval_", per_expert=True)
+    assert summary["eval_expert_load_max"] == pytest.approx(2.4) and summary["eval_expert_load_min"] == 0
+    assert [summary[f"eval_expert_load_{e}"] for e in range(4)] == pytest.approx([2.4, 1.2, 0.4, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. `hf-vmoe --help` without torch
+# ----------------------------------------------------------------------------------------------------------------
+
+VERBS = ["demo", "presets", "flops", "analyze", "convert-vmoe", "export", "card", "superclasses"]
+
+
+@pytest.mark.parametrize("verb", [[], *[[v] for v in VERBS]], ids=lambda v: " ".join(v) or "hf-vmoe")
+def test_help_imports_neither_torch_nor_the_package(verb, tmp_path):
+    code = ("import sys, hf_vmoe_cli\n"
+            "try:\n    hf_vmoe_cli.main(sys.argv[1:])\nexcept SystemExit as done:\n    assert done.code == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'hf_vmoe') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    done = _python(code, *verb, "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: hf-vmoe{' ' + verb[0] if verb else ''}")
+
+
+def test_console_script_is_the_light_module():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["hf-vmoe"] == "hf_vmoe_cli:main"
+    assert "hf_vmoe_cli" in project["tool"]["setuptools"]["py-modules"]
+
+
+def test_analyze_help_lists_each_option_once(capsys):
+    from hf_vmoe_cli import main
+
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    out = capsys.readouterr().out
+    assert "--split SPLIT, --split" not in out and "--task {auto,classification,segmentation}, --task" not in out
+    assert "--data-dir DATA_DIR, --data_dir DATA_DIR" in out  # two spellings stay two
+
+
+def test_cli_choices_match_the_package():
+    import hf_vmoe_cli
+    from hf_vmoe.integrations.export import ONNX_QUANTIZATION_MODES
+    from hf_vmoe.recipes.analysis import DEFAULT_THRESHOLD, PATCH_LABELS
+
+    assert hf_vmoe_cli.PATCH_LABELS == PATCH_LABELS and hf_vmoe_cli.ANALYZE_THRESHOLD == DEFAULT_THRESHOLD
+    assert hf_vmoe_cli.ONNX_QUANTIZATION_MODES == ONNX_QUANTIZATION_MODES

@@ -47,8 +47,10 @@ onnx, onnxruntime and onnxscript are the `onnx` extra (`pip install "hf-vmoe[onn
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -220,6 +222,41 @@ def _export_ready(model, token_backend: str | None = "batched_mm"):
 
 
 @contextlib.contextmanager
+def _muted_loggers(*names):
+    """Raise these Python loggers to ERROR for the duration; restored afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stderr_without(marker: str):
+    """Hold back the lines containing `marker` that native code writes to file descriptor 2 for the duration; the
+    other lines are written out afterwards. (ExecuTorch's XNNPACK delegate reports from C++, through no logger,
+    every probe of /sys/devices/... its CPU detection makes.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True) if marker.encode() not in line]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+@contextlib.contextmanager
 def _staged(path: Path):
     """Yield a path in a fresh temporary folder beside `path`; on success it is renamed onto `path` (atomic on one
     file system), on any error it is deleted with its folder. Nothing partial is ever left at `path`."""
@@ -348,18 +385,20 @@ def export_onnx(
                     trace = example.repeat(2, 1, 1, 1) if dynamic_batch and example.shape[0] == 1 else example
                     source = torch.export.export(wrapper, (trace,), dynamic_shapes=dynamic_shapes).module()
                     int8_expert_weights(source)
-                torch.onnx.export(
-                    source,
-                    (example,),
-                    str(fp32_path),
-                    dynamo=True,
-                    input_names=[INPUT_NAME],
-                    output_names=output_names,
-                    dynamic_shapes=dynamic_shapes,
-                    opset_version=opset_version,
-                    external_data=False,
-                    verbose=False,
-                )
+                # the exporter logs one "torchvision is not installed" line per torchvision op it would register
+                with _muted_loggers("torch.onnx._internal.exporter._registration"):
+                    torch.onnx.export(
+                        source,
+                        (example,),
+                        str(fp32_path),
+                        dynamo=True,
+                        input_names=[INPUT_NAME],
+                        output_names=output_names,
+                        dynamic_shapes=dynamic_shapes,
+                        opset_version=opset_version,
+                        external_data=False,
+                        verbose=False,
+                    )
             if quantize:
                 quantize_onnx(fp32_path, staged, mode=quantization, calibration=calib,
                               quantize_router=quantize_router)
@@ -620,11 +659,12 @@ class ExecuTorchVMoE:
         _require_executorch()
         from executorch.runtime import Runtime
 
-        if num_threads is not None:
-            set_executorch_threads(num_threads)
         self.path = Path(path)
-        self.program = Runtime.get().load_program(self.path)
-        self.method = self.program.load_method("forward")
+        with _native_stderr_without("cpuinfo_utils.cpp"):  # XNNPACK's thread pool probes the CPU on first use
+            if num_threads is not None:
+                set_executorch_threads(num_threads)
+            self.program = Runtime.get().load_program(self.path)
+            self.method = self.program.load_method("forward")
         meta = self.method.metadata
         self.input_shape = tuple(meta.input_tensor_meta(0).sizes())
         self.num_outputs = meta.num_outputs()
