@@ -265,3 +265,28 @@ def test_cli_choices_match_the_package():
 
     assert hf_vmoe_cli.PATCH_LABELS == PATCH_LABELS and hf_vmoe_cli.ANALYZE_THRESHOLD == DEFAULT_THRESHOLD
     assert hf_vmoe_cli.ONNX_QUANTIZATION_MODES == ONNX_QUANTIZATION_MODES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. skip reasons say what the folder outside the checkout is
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_skip_reason_says_what_is_missing(monkeypatch, tmp_path):
+    import vmoe_reference
+
+    monkeypatch.setattr(vmoe_reference, "VMOE_DIR", tmp_path / "absent")
+    reason = vmoe_reference.skip_reason()
+    assert reason.startswith(f"Google's vmoe reference code absent: {tmp_path / 'absent'}")
+    assert "HF_VMOE_REF_DIR, default ../shared/ref beside the checkout" in reason
+
+
+@pytest.mark.slow
+def test_real_data_skip_reason_says_what_is_missing(tmp_path):
+    test = SRC.parent / "tests" / "test_classification_example.py"
+    env = {**os.environ, "HF_VMOE_REAL_DATA": str(tmp_path / "absent"), "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"{test}::test_tiny_imagenet_subset_few_steps"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert f"real-data folder absent: {tmp_path / 'absent'}" in done.stdout, done.stdout
+    assert "HF_VMOE_REAL_DATA, default ../shared/data beside the checkout" in done.stdout
