@@ -30,6 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# first: it registers the Auto classes, and imports transformers' modeling code without torchao's import noise
+# (README, install notes); evaluate and datasets import transformers too
+import hf_vmoe  # noqa: F401  isort: skip
+
 import evaluate
 import numpy as np
 import torch
@@ -45,7 +49,6 @@ from transformers import (
     set_seed,
 )
 
-import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
 from hf_vmoe.integrations.callbacks import RouterStatsCallback, count_active_flops
 from hf_vmoe.integrations.data import check_imagefolder, metric_path, parse_config_overrides, size_dict
