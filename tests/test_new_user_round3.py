@@ -111,11 +111,13 @@ def test_a_mistyped_local_folder_is_named(path):
             load(path)
 
 
-@pytest.mark.parametrize("verb", [["analyze", "--data-dir", "."], ["export", "--format", "onnx", "-o", "x.onnx"]])
-def test_cli_names_a_mistyped_model_folder(verb, capsys):
+@pytest.mark.parametrize("argv", [["analyze", "MODEL", "--data-dir", "."], ["export", "MODEL", "--format", "onnx", "-o", "x.onnx"],
+                                  ["flops", "--config", "MODEL"], ["superclasses", "show", "x.json", "--model", "MODEL"]],
+                         ids=lambda argv: argv[0])
+def test_cli_names_a_mistyped_model_folder(argv, capsys):
     from hf_vmoe_cli import main
 
-    assert main([verb[0], "./no-such-model", *verb[1:]]) == 2
+    assert main([a.replace("MODEL", "./no-such-model") for a in argv]) == 2
     assert "hf-vmoe: error: model folder './no-such-model' does not exist" in capsys.readouterr().err
 
 

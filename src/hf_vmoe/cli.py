@@ -88,6 +88,10 @@ def cmd_superclasses(args):
         superclasses_from_confusion,
     )
 
+    from .configuration_vmoe import check_local_path
+
+    if getattr(args, "model", None):
+        check_local_path(args.model)
     if args.action == "show":
         names = _read_class_names(args.class_names)
         if names is None and args.model:
