@@ -44,8 +44,10 @@ def test_new_labels_reset_the_superclass_map_and_log_it(superclass_moe, caplog):
 @pytest.mark.parametrize("superclass_ids", [None, [0, 1, 1]])
 def test_an_explicit_superclass_ids_kwarg_is_used(superclass_moe, superclass_ids):
     model = AutoModelForImageClassification.from_pretrained(superclass_moe, num_labels=3, superclass_ids=superclass_ids,
-                                                            train_routing="router", ignore_mismatched_sizes=True)
+                                                            ignore_mismatched_sizes=True)
     assert model.config.superclass_ids == superclass_ids
+    # the saved train_routing="superclass" needs a map: kept with one, back to the router without
+    assert model.config.train_routing == ("router" if superclass_ids is None else "superclass")
 
 
 def test_trainer_fine_tunes_a_superclass_moe_on_new_labels(superclass_moe, tmp_path):
