@@ -236,10 +236,10 @@ def _muted_loggers(*names):
 
 
 @contextlib.contextmanager
-def _native_stderr_without(marker: str):
-    """Hold back the lines containing `marker` that native code writes to file descriptor 2 for the duration; the
-    other lines are written out afterwards. (ExecuTorch's XNNPACK delegate reports from C++, through no logger,
-    every probe of /sys/devices/... its CPU detection makes.)"""
+def _native_stderr_without(*markers: str):
+    """Hold back the lines containing one of `markers` that native code writes to file descriptor 2 for the
+    duration; the other lines are written out afterwards. (ExecuTorch's runtime reports from C++, through no logger,
+    every probe of /sys/devices/... its CPU detection makes and every thread-pool resize.)"""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -251,7 +251,8 @@ def _native_stderr_without(marker: str):
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True) if marker.encode() not in line]
+            kept = [line for line in capture.read().splitlines(keepends=True)
+                    if not any(marker.encode() in line for marker in markers)]
             if kept:
                 os.write(2, b"".join(kept))
 
@@ -643,8 +644,7 @@ def export_executorch(
 
 def set_executorch_threads(num_threads: int) -> None:
     """Size of ExecuTorch's (process-wide) CPU thread pool, used by the XNNPACK delegate."""
-    from executorch.extension.pybindings import portable_lib
-
+    portable_lib = require("executorch.extension.pybindings.portable_lib", purpose="ExecuTorch's runtime")
     portable_lib._unsafe_reset_threadpool(int(num_threads))
 
 
@@ -660,7 +660,7 @@ class ExecuTorchVMoE:
         from executorch.runtime import Runtime
 
         self.path = Path(path)
-        with _native_stderr_without("cpuinfo_utils.cpp"):  # XNNPACK's thread pool probes the CPU on first use
+        with _native_stderr_without("cpuinfo_utils.cpp", "threadpool.cpp"):  # the thread pool probes the CPU
             if num_threads is not None:
                 set_executorch_threads(num_threads)
             self.program = Runtime.get().load_program(self.path)
