@@ -36,6 +36,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# first: it registers the Auto classes, and imports transformers' modeling code without torchao's import noise
+# (README, install notes); evaluate and datasets import transformers too
+import hf_vmoe  # noqa: F401  isort: skip
+
 import evaluate
 import numpy as np
 import torch
@@ -51,10 +55,9 @@ from transformers import (
     set_seed,
 )
 
-import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
 from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
-from hf_vmoe.integrations.data import metric_path, parse_config_overrides, size_dict
+from hf_vmoe.integrations.data import check_imagefolder, metric_path, parse_config_overrides, size_dict
 from hf_vmoe.integrations.hub import SCRATCH, build_model_card
 from hf_vmoe.recipes.presets import get_preset
 from hf_vmoe.integrations.script_defaults import apply_script_defaults
@@ -142,6 +145,9 @@ def load_data(data_args, cache_dir=None):
     if data_args.dataset_name is not None:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     else:
+        for option in ("train_dir", "validation_dir"):  # named here, not as datasets' "corresponds to no data!"
+            if getattr(data_args, option) is not None:
+                check_imagefolder(getattr(data_args, option), f"--{option}")
         data_files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
@@ -381,9 +387,9 @@ def main(argv=None):
     metrics = {}
     if training_args.do_eval:
         metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)  # numbers only: RouterStatsCallback logs the routing health line
         if router_stats is not None and router_stats.health is not None:
             metrics["eval_routing_health"] = router_stats.health["summary"]
-        trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     if model_args.compute_superclasses:
@@ -446,7 +452,9 @@ def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train
                          "split": "validation" if data_args.validation_dir or data_args.dataset_name
                          else f"{data_args.train_val_split:.0%} of train"}]
     config = trainer.model.config
-    load = [metrics[f"eval_expert_load_{e}"] for e in range(config.num_experts) if f"eval_expert_load_{e}" in metrics]
+    # the card's unit is each expert's share of the routed items; the logs give multiples of a balanced share
+    load = [metrics[f"eval_expert_load_{e}"] / config.num_experts for e in range(config.num_experts)
+            if f"eval_expert_load_{e}" in metrics]
     training = {"learning rate": args.learning_rate, "train batch size (per device)": args.per_device_train_batch_size,
                 "epochs": args.num_train_epochs if args.max_steps <= 0 else f"max_steps {args.max_steps}",
                 "optimizer steps": steps, "seed": args.seed}

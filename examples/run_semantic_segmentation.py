@@ -28,13 +28,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# first: it registers the Auto classes, and imports transformers' modeling code without torchao's import noise
+# (README, install notes); evaluate imports transformers too
+import hf_vmoe  # noqa: F401  isort: skip
+
 import evaluate
 import numpy as np
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
-import hf_vmoe  # noqa: F401  (registers the Auto classes)
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
 from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
 from hf_vmoe.integrations.data import (

@@ -53,5 +53,6 @@ def _seed():
 @pytest.fixture
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real data folder {REAL_DATA} not present (set HF_VMOE_REAL_DATA)")
+        pytest.skip(f"real-data folder absent: {REAL_DATA} (the real images some tests train on, outside the "
+                    "repository; HF_VMOE_REAL_DATA, default ../shared/data beside the checkout)")
     return REAL_DATA

@@ -48,8 +48,8 @@ def test_router_learns_superclasses_and_stats_reach_the_trainer_logs(tmp_path):
     last = sum(h["router_superclass_accuracy"] for h in train_logs[-3:]) / 3
     assert first < 0.6 and last > 0.85, (first, last)  # chance: 0.4 (the biggest super-class)
     assert train_logs[-1]["router_superclass_loss"] < train_logs[0]["router_superclass_loss"]
-    # forced super-class routing in training: expert load = super-class shares (2/5, 2/5, 1/5)
-    assert abs(train_logs[-1]["expert_load_0"] - 0.4) < 0.1 and abs(train_logs[-1]["expert_load_2"] - 0.2) < 0.1
+    # forced super-class routing in training: expert load = super-class shares (2/5, 2/5, 1/5) x 3 experts
+    assert abs(train_logs[-1]["expert_load_0"] - 1.2) < 0.3 and abs(train_logs[-1]["expert_load_2"] - 0.6) < 0.3
     # at eval the router decides alone: its accuracy on held-out data is the real router accuracy
     assert eval_logs[-1]["eval_router_superclass_accuracy"] > 0.7
     assert stats.history and stats.history[-1]["step"] == 40

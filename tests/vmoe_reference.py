@@ -41,9 +41,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 def skip_reason() -> str | None:
     """Why the reference cannot run here, or None when it can."""
     if not (VMOE_DIR / "vmoe" / "nn" / "vit_moe.py").is_file():
-        return f"the vmoe reference code is not at {VMOE_DIR} (../shared/ref/google-vmoe; set HF_VMOE_REF_DIR)"
+        return (f"Google's vmoe reference code absent: {VMOE_DIR} (a clone of google-research/vmoe, outside the "
+                "repository; HF_VMOE_REF_DIR, default ../shared/ref beside the checkout)")
     if not (VIT_DIR / "vit_jax" / "models_vit.py").is_file():
-        return f"the vit_jax reference code is not at {VIT_DIR} (../shared/ref/google-vision_transformer)"
+        return (f"Google's vit_jax reference code absent: {VIT_DIR} (a clone of google-research/vision_transformer, "
+                "outside the repository; HF_VMOE_REF_DIR, default ../shared/ref beside the checkout)")
     missing = [m for m in ("jax", "flax", "absl") if importlib.util.find_spec(m) is None]
     if missing:
         return f"the reference needs {', '.join(missing)} (pip install '.[parity]')"

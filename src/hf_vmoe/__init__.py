@@ -6,35 +6,63 @@ classes for `register_for_auto_class`, so a saved folder also loads with `trust_
 is not installed.
 """
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import types
 import warnings
 
-from transformers import (
-    AutoBackbone,
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForSemanticSegmentation,
-)
 
-# the real class, not transformers' top-level name (a dummy that raises when torchvision is absent); pipelines use it
-from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+@contextlib.contextmanager
+def _quiet_torchao_import():
+    """Mute two known-harmless messages while transformers' modeling code is first imported.
 
-from .configuration_vmoe import VMoEConfig, every_nth_layer, last_layers
-from .image_processing_vmoe import VMoEImageProcessor
-from .modeling_vmoe import (
-    VMoEBackbone,
-    VMoEForImageClassification,
-    VMoEForSemanticSegmentation,
-    VMoEModel,
-    VMoEPreTrainedModel,
-    update_router_biases,
-)
+    transformers imports torchao whenever it is installed (the `executorch` extra brings it). torchao 0.18.0, the
+    only release executorch 1.4.x accepts (>=0.18.0, and the newest), logs "Failed to load .../_C_*.so" for two
+    libraries its CPU wheel cannot load (an SM90 CUDA kernel, an mxfp8 build for CPython 3.10 only), and torch 2.13
+    logs a deprecation for each Enum torchao registers with pytree. Neither touches VMoE or CPU export. Only the
+    `torchao` and `torch.utils._pytree` loggers are raised to ERROR, and only for this import."""
+    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+with _quiet_torchao_import():
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForSemanticSegmentation,
+    )
+
+    # the real class, not transformers' top-level name (a dummy that raises when torchvision is absent); pipelines
+    # use it
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
+    from .configuration_vmoe import VMoEConfig, every_nth_layer, last_layers
+    from .image_processing_vmoe import VMoEImageProcessor
+    from .modeling_vmoe import (
+        VMoEBackbone,
+        VMoEForImageClassification,
+        VMoEForSemanticSegmentation,
+        VMoEModel,
+        VMoEPreTrainedModel,
+        update_router_biases,
+    )
 
 __version__ = "0.1.0"
 

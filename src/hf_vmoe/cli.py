@@ -1,20 +1,9 @@
-"""`hf-vmoe` command line.
-
-    hf-vmoe demo [--quick] [--output-dir DIR]            the whole Mobile V-MoE recipe on bundled real data
-    hf-vmoe presets [--plain] [--num-labels N] ...       model zoo: params and FLOPs per preset
-    hf-vmoe flops (--preset NAME | --config DIR) [...]   params and per-image FLOPs of one model, by component
-    hf-vmoe superclasses from-model --model DIR (--validation-dir DIR | --dataset-name NAME) --num-experts E -o F
-    hf-vmoe superclasses from-confusion CM.{npy,csv,json} --num-experts E [--class-names FILE] -o F
-    hf-vmoe superclasses show FILE [--model DIR | --class-names FILE]
-    hf-vmoe analyze MODEL_DIR --data-dir DIR [--output-dir DIR] [...]  routing heatmaps, specialisation, recommendation
-    hf-vmoe convert-vmoe CHECKPOINT_PREFIX --config NAME_OR_FIELDS -o OUT_DIR  a Google vmoe checkpoint -> VMoE folder
-    hf-vmoe export MODEL_DIR --format onnx|executorch [--int8 [--calibration-dir DIR]] -o PATH  device export
-    hf-vmoe card (--preset NAME | --model DIR) --repo-id ORG/NAME --out README.md    the model card of a preset or model
+"""The verbs of the `hf-vmoe` command. Their arguments are parsed by `hf_vmoe_cli` (beside this package, so that
+`hf-vmoe --help` answers without importing torch); `run` executes the parsed command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -99,6 +88,10 @@ def cmd_superclasses(args):
         superclasses_from_confusion,
     )
 
+    from .configuration_vmoe import check_local_path
+
+    if getattr(args, "model", None):
+        check_local_path(args.model)
     if args.action == "show":
         names = _read_class_names(args.class_names)
         if names is None and args.model:
@@ -159,82 +152,22 @@ def cmd_card(args) -> int:
     return 0
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="hf-vmoe", description="Sparse Vision Mixture-of-Experts tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    from .demo import build_parser as demo_parser
-
-    demo = sub.add_parser("demo", help="run the Mobile V-MoE recipe on bundled real data (a few CPU minutes)")
-    demo_parser(demo)
-
-    p = sub.add_parser("presets", help="print the model-zoo table (params, FLOPs)")
-    p.add_argument("--plain", action="store_true", help="plain text instead of markdown")
-    p.add_argument("--num-labels", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--patch-size", type=int)
-
-    p = sub.add_parser("flops", help="params and per-image FLOPs of one preset or saved config")
-    p.add_argument("--preset")
-    p.add_argument("--config", help="a model directory or config.json")
-    p.add_argument("--image-size", type=int)
-
-    from .routing_report import add_arguments as analyze_arguments
-
-    p = sub.add_parser("analyze", help="routing analysis of a saved model: class x expert heatmaps, specialisation "
-                       "per MoE layer, recommended config")
-    analyze_arguments(p)
-
-    from .integrations.convert_vmoe import add_cli_arguments as convert_vmoe_arguments
-
-    p = sub.add_parser("convert-vmoe", help="convert a Google vmoe (JAX) checkpoint into a VMoE folder")
-    convert_vmoe_arguments(p)
-
-    from .integrations.export import add_cli_arguments as export_arguments
-
-    p = sub.add_parser("export", help="export a saved model to ONNX or ExecuTorch (.pte), float32 or int8")
-    export_arguments(p)
-
-    p = sub.add_parser("card", help="write the model card of a preset or a saved model folder")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a preset name, e.g. mobile-vmoe-tiny (hf-vmoe presets lists them)")
-    source.add_argument("--model", help="a saved model folder (config.json)")
-    p.add_argument("--repo-id", "--repo_id", required=True)
-    p.add_argument("--out", required=True, help="README.md path to write")
-    p.add_argument("--trained-on", "--trained_on", default=None, help="what the weights were trained on (omit: untrained)")
-
-    p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
-    actions = p.add_subparsers(dest="action", required=True)
-    a = actions.add_parser("from-model", help="confusion matrix of a trained dense model on a held-out split")
-    a.add_argument("--model", required=True, help="trained classifier directory")
-    a.add_argument("--validation-dir", "--validation_dir", help="imagefolder of the held-out split")
-    a.add_argument("--dataset-name", "--dataset_name", help="a datasets name (local or cached)")
-    a.add_argument("--split", default="validation")
-    a.add_argument("--soft", action="store_true", help="sum predicted probabilities instead of counting errors")
-    a.add_argument("--batch-size", type=int, default=64)
-    a = actions.add_parser("from-confusion", help="a saved confusion matrix (.npy, .csv, or JSON)")
-    a.add_argument("path")
-    a.add_argument("--class-names", help="text file (one name a line) or JSON list / id->name object")
-    for name in ("from-model", "from-confusion"):
-        a = actions.choices[name]
-        a.add_argument("--num-experts", "--num_experts", type=int, required=True)
-        a.add_argument("--output", "-o", required=True, help="superclasses .json or .csv")
-        a.add_argument("--seed", type=int, default=0)
-    a = actions.add_parser("show", help="print the groups of a super-class file")
-    a.add_argument("path")
-    a.add_argument("--model", help="model directory whose id2label names the classes")
-    a.add_argument("--class-names")
-    return parser
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """`hf-vmoe ARGS`: parse, then `run`."""
+    from hf_vmoe_cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def run(args, parser, argv) -> int:
+    """Run the parsed command `args` (`argv`: its command line, for `demo`, which parses its own). A ValueError, a
+    missing file or folder (OSError) or a missing optional dependency ends in one `hf-vmoe: error: ...` line and
+    exit status 2."""
     try:
         if args.command == "demo":
             from .demo import main as demo_main
 
-            return demo_main(argv[1:] if argv is not None else sys.argv[2:])
+            return demo_main(argv[1:])
         if args.command == "presets":
             return cmd_presets(args)
         if args.command == "flops":
@@ -258,7 +191,7 @@ def main(argv=None) -> int:
             if args.action == "from-model" and not (args.validation_dir or args.dataset_name):
                 parser.error("from-model needs --validation-dir or --dataset-name")
             return cmd_superclasses(args)
-    except ValueError as err:
+    except (ValueError, ImportError, OSError) as err:
         print(f"hf-vmoe: error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -6,10 +6,14 @@ routed to experts (whole images as in Mobile V-MoE, or tokens as in V-MoE / ViMo
 """
 
 import operator
+import os
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ROUTING_LEVELS = ("image", "token")
 ROUTER_INPUTS = ("cls", "mean")
@@ -26,6 +30,21 @@ EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 def to_pair(value) -> tuple[int, int]:
     """`image_size` / `patch_size` as a (height, width) pair."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def check_local_path(name_or_path) -> None:
+    """Raise an OSError naming `name_or_path` when it is written as a local path (absolute, starting with `./`,
+    `../` or `~`, or with more than one `/`, which a Hub repo id never has) and does not exist: transformers would
+    take it for a Hub repo id and fail with "Repo id must be in the form ...", which hides the mistyped path."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    text = os.fspath(name_or_path)
+    separators = {"/", os.sep, os.altsep} - {None}
+    looks_local = (isinstance(name_or_path, os.PathLike) or text.startswith(("./", "../", "~")) or os.path.isabs(text)
+                   or text.count("/") > 1 or any(sep in text for sep in separators - {"/"}))
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise OSError(f"model folder {text!r} does not exist ({os.path.abspath(os.path.expanduser(text))}); "
+                      "check the path")
 
 
 def last_layers(num_hidden_layers: int, count: int) -> tuple[int, ...]:
@@ -239,6 +258,38 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_vmoe()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.get_config_dict`, with a clear error for a mistyped local folder (`check_local_path`)."""
+        check_local_path(pretrained_model_name_or_path)
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`, and a new label set resets the super-class map, which maps the old one.
+
+        Fine-tuning to new labels (`from_pretrained(DIR, num_labels=N, ignore_mismatched_sizes=True)`, or a new
+        `id2label`) drops a saved `superclass_ids` of another length: the router then trains as a learned router
+        (no super-class loss) until a new map is set. An explicit `superclass_ids=` kwarg is used as given."""
+        config_dict = dict(config_dict)
+        for name in ("superclass_ids", "train_routing"):  # set before construction, which checks them together
+            if name in kwargs:
+                config_dict[name] = kwargs.pop(name)
+        saved = config_dict.get("superclass_ids")
+        new_id2label = kwargs.get("id2label")
+        num_labels = kwargs.get("num_labels", len(new_id2label) if new_id2label is not None else None)
+        if saved is not None and num_labels is not None and len(saved) != num_labels:
+            config_dict["superclass_ids"] = None
+            logger.warning(
+                f"superclass_ids reset to None: the saved map has {len(saved)} entries (one per old label) but "
+                f"num_labels is now {num_labels}. The router trains as a learned router, without the super-class "
+                "loss, until a new map is set (config.superclass_ids, e.g. from `hf-vmoe superclasses from-model`)."
+            )
+        if config_dict.get("superclass_ids") is None and config_dict.get("train_routing") == "superclass":
+            config_dict["train_routing"] = "router"
+            logger.warning("train_routing 'superclass' -> 'router': there is no super-class map to route by")
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def is_moe(self) -> bool:
         return len(self.moe_layers) > 0
@@ -428,4 +479,4 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             )
 
 
-__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers", "to_pair"]
+__all__ = ["VMoEConfig", "last_layers", "every_nth_layer", "resolve_moe_layers", "to_pair", "check_local_path"]

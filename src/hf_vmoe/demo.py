@@ -31,9 +31,8 @@ import os
 import time
 
 import numpy as np
-
-DEFAULTS = dict(layers=6, width=64, heads=2, image_size=32, patch_size=8, num_experts=5, top_k=1, moe_blocks=2,
-                epochs=30, batch_size=64, learning_rate=2e-3)
+from hf_vmoe_cli import DEMO_DEFAULTS as DEFAULTS
+from hf_vmoe_cli import add_demo_arguments
 
 
 def _require_sklearn():
@@ -331,28 +330,7 @@ def _run(args, t0) -> dict:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="hf-vmoe demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", "--output_dir", default="./vmoe-demo", help="where models, PNG and results go")
-    parser.add_argument("--quick", action="store_true", help="a few training steps on a quarter of the data")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs for each model")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop each training after this many steps")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
-    parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
-    parser.add_argument("--width", type=int, default=DEFAULTS["width"])
-    parser.add_argument("--heads", type=int, default=DEFAULTS["heads"])
-    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
-    parser.add_argument("--patch-size", type=int, default=DEFAULTS["patch_size"])
-    parser.add_argument("--num-experts", type=int, default=DEFAULTS["num_experts"])
-    parser.add_argument("--top-k", type=int, default=DEFAULTS["top_k"])
-    parser.add_argument("--moe-blocks", type=int, default=DEFAULTS["moe_blocks"], help="MoE in the last N blocks")
-    parser.add_argument("--moe-init", choices=("scratch", "dense"), default="scratch",
-                        help="train the MoE from scratch (paper protocol) or from the dense baseline's weights")
-    parser.add_argument("--train-routing", choices=("router", "superclass"), default="router",
-                        help="route training images by the router (default; it learns the super-classes through the super-class loss) "
-                             "or by their label's super-class (train/test routing mismatch: worse in our runs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: this model is too small to gain from more, and extra threads slow it down badly on a busy machine; 0 = torch default)")
-    return parser
+    return add_demo_arguments(parser)
 
 
 def main(argv=None) -> int:

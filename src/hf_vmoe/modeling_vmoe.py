@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_vmoe import ROUTER_LEVELS, VMoEConfig, to_pair
+from .configuration_vmoe import ROUTER_LEVELS, VMoEConfig, check_local_path, to_pair
 
 logger = logging.get_logger(__name__)
 
@@ -1423,6 +1423,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         warning, as in transformers. A truncated or corrupt `model.safetensors` raises a ValueError naming it."""
         from safetensors import SafetensorError
 
+        check_local_path(pretrained_model_name_or_path)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:

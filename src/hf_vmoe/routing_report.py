@@ -20,40 +20,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from hf_vmoe_cli import add_analyze_arguments
 from transformers import AutoConfig
 
-from .recipes.analysis import DEFAULT_THRESHOLD, PATCH_LABELS, collect_routing
-from .integrations.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform, find_ade_pairs
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    def option(name, **kwargs):
-        parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, **kwargs)
-
-    parser.add_argument("model", help="VMoE checkpoint directory (classification, segmentation or VMoE UperNet)")
-    option("data_dir", required=True, help="imagefolder (classification) or ADE20K-layout folder (segmentation)")
-    option("split", default="validation", help="ADE20K split sub-folder (segmentation)")
-    option("task", choices=("auto", "classification", "segmentation"), default="auto")
-    option("reduce_labels", action="store_true", help="ADE20K labels: 0 -> ignore, k -> k - 1")
-    option("image_size", type=int, default=None, help="default: the model's image_size")
-    option("batch_size", type=int, default=16)
-    option("max_samples", type=int, default=None, help="a seeded random subset of this many images")
-    option("patch_label", choices=PATCH_LABELS, default="majority", help="token routing on segmentation labels")
-    option("threshold", type=float, default=DEFAULT_THRESHOLD, help="specialisation a layer needs to stay MoE")
-    option("output_dir", default="routing_report")
-    return parser
+from .configuration_vmoe import check_local_path
+from .recipes.analysis import collect_routing
+from .integrations.data import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationTransform,
+    check_imagefolder,
+    find_ade_pairs,
+)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="hf-vmoe analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_arguments(parser).parse_args(argv)
+    return add_analyze_arguments(parser).parse_args(argv)
 
 
 def load_model(path):
     """(model, task) from a checkpoint directory: a VMoE UperNet, or the VMoE class its config names."""
     import hf_vmoe
 
+    check_local_path(path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "upernet":
         from .integrations.upernet import VMoEUperNetForSemanticSegmentation
@@ -80,10 +72,17 @@ def normalisation(path):
 
 def classification_batches(data_dir, model, size, batch_size, max_samples, image_mean=IMAGENET_MEAN,
                            image_std=IMAGENET_STD):
+    check_imagefolder(data_dir, "--data-dir")
     folders = sorted(p for p in Path(data_dir).iterdir() if p.is_dir())
-    if not folders:
-        raise ValueError(f"--data-dir {data_dir} has no class sub-folders (an imagefolder is needed)")
     label2id = {k: int(v) for k, v in (model.config.label2id or {}).items()}
+    unknown = [folder.name for folder in folders if folder.name not in label2id]
+    num_labels = model.config.num_labels
+    if len(unknown) < len(folders) and unknown:  # folders are matched by name: every one must name a class
+        raise ValueError(f"--data-dir {data_dir}: class folders {unknown[:5]} are not classes of the model (its "
+                         f"{num_labels} classes: {sorted(label2id)[:10]}{' ...' if num_labels > 10 else ''})")
+    if len(unknown) == len(folders) and len(folders) > num_labels:  # matched by position
+        raise ValueError(f"--data-dir {data_dir} has {len(folders)} class folders but the model has {num_labels} "
+                         "classes: give the imagefolder the model was trained on")
     files = []
     for i, folder in enumerate(folders):
         label = label2id.get(folder.name, i)
@@ -91,6 +90,10 @@ def classification_batches(data_dir, model, size, batch_size, max_samples, image
     if max_samples:
         rng = np.random.default_rng(0)
         files = [files[i] for i in sorted(rng.permutation(len(files))[:max_samples])]
+    return _classification_batches(files, size, batch_size, image_mean, image_std)
+
+
+def _classification_batches(files, size, batch_size, image_mean, image_std):
     mean, std = np.array(image_mean, np.float32), np.array(image_std, np.float32)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]

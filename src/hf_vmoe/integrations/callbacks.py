@@ -7,9 +7,9 @@
   real accuracy);
 * `router_superclass_loss`, `router_aux_loss`: the super-class cross-entropy and all routing losses (as added to
   `loss`);
-* `expert_load_max` / `expert_load_min`: the busiest / idlest expert's share of routed items times E
-  (1.0 = perfectly balanced; `expert_load_max` = E means everything went to one expert), and, with
-  `per_expert=True`, `expert_load_<e>`: each expert's share.
+* `expert_load_max` / `expert_load_min` and, with `per_expert=True`, `expert_load_<e>`: the busiest / idlest /
+  e-th expert's load, all in one unit: multiples of a balanced share (its share of the routed items times E;
+  1.0 = balanced, E = everything went to this expert, 0 = idle).
 
 A callback never sees model outputs, so the callback registers a forward hook on the model:
 the hook (registered when the Trainer is built, or by `attach`) adds each forward's `superclass_accuracy`, `expert_counts`, `aux_loss` and `superclass_loss` to running
@@ -134,13 +134,13 @@ class _RunningStats:
             out[f"{prefix}expert_load_max"] = round(float(share.max()) * num_experts, 4)
             out[f"{prefix}expert_load_min"] = round(float(share.min()) * num_experts, 4)
             if per_expert:
-                out.update({f"{prefix}expert_load_{e}": round(float(s), 4) for e, s in enumerate(share)})
+                out.update({f"{prefix}expert_load_{e}": round(float(s) * num_experts, 4) for e, s in enumerate(share)})
         return out
 
 
 class RouterStatsCallback(TrainerCallback):
     """Logs router super-class accuracy, routing losses and expert load through the Trainer's logging (see the
-    module docstring). `per_expert` adds one `expert_load_<e>` share per expert. `history` keeps every logged
+    module docstring). `per_expert` adds `expert_load_<e>` per expert (multiples of a balanced share). `history` keeps every logged
     summary (train and eval) for later inspection.
 
     After each evaluation the routing is checked against `max_load`, `min_load` and `min_superclass_accuracy`

@@ -1246,24 +1246,8 @@ def _model_with_weights(config, state_dict: Mapping[str, torch.Tensor]):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_cli_arguments(parser):
-    """The arguments of `hf-vmoe convert-vmoe`."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_PREFIX",
-                        help="a sharded checkpoint's prefix (PREFIX.index + PREFIX.data-nnnnn-of-NNNNN) or a Flax "
-                             "msgpack file")
-    parser.add_argument("--config", required=True, metavar="NAME_OR_FIELDS",
-                        help=f"a released checkpoint's name ({', '.join(VMOE_PRESETS)}) or vmoe model-config "
-                             "fields as JSON (a string or a .json file): {\"preset\": NAME, \"model\": {...}, "
-                             "\"eval_overrides\": {...}, \"image_size\": N}")
-    parser.add_argument("--output-dir", "-o", required=True, metavar="OUT_DIR")
-    parser.add_argument("--labels", help="class names: a text file (one a line) or a JSON list / id->name object")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail instead of warning when hf_vmoe would compute different outputs at inference")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-
-
 def run_cli(args) -> int:
-    """`hf-vmoe convert-vmoe`: prints what was written and what hf_vmoe does differently; ValueErrors propagate (the
+    """`hf-vmoe convert-vmoe` (its arguments: `hf_vmoe_cli.add_convert_vmoe_arguments`): prints what was written and what hf_vmoe does differently; ValueErrors propagate (the
     CLI prints them and exits with 2)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same messages are printed below

@@ -37,6 +37,21 @@ METRICS = ("accuracy", "mean_iou")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
+def check_imagefolder(path: str | os.PathLike, option: str = "--data_dir") -> None:
+    """Raise a ValueError naming `path` (given as `option`) unless it is an imagefolder: a folder with one
+    sub-folder of images per class (datasets' "imagefolder" otherwise fails with "... corresponds to no data!")."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: no such folder ({folder.resolve()})")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{option} {path} has no class sub-folders: an imagefolder has one folder of images per "
+                         f"class (e.g. {folder / 'cat' / '0001.jpg'})")
+    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in c.rglob("*")):
+        raise ValueError(f"{option} {path}: its class folders ({', '.join(c.name for c in classes[:5])}"
+                         f"{' ...' if len(classes) > 5 else ''}) hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+
+
 def _parse_value(key: str, value: str):
     try:
         return json.loads(value)  # numbers, true / false / null, quoted strings, lists without commas
@@ -253,6 +268,7 @@ class SegmentationTransform:
 
 
 __all__ = [
+    "check_imagefolder",
     "parse_config_overrides",
     "parse_moe_layers_arg",
     "size_dict",

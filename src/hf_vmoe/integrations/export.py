@@ -47,8 +47,10 @@ onnx, onnxruntime and onnxscript are the `onnx` extra (`pip install "hf-vmoe[onn
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -57,12 +59,12 @@ import torch
 from torch import nn
 
 from ..configuration_vmoe import to_pair
+from .extras import require
 
 OPSET_VERSION = 18
 INPUT_NAME = "pixel_values"
 QUANTIZE_CHOICES = (None, "int8")
 ONNX_QUANTIZATION_MODES = ("dynamic", "static")
-EXECUTORCH_VERSION_RANGE = ">=1.4,<1.5"
 
 TOKEN_ROUTING_EXECUTORCH = (
     "token routing (routing_level='token') cannot be exported to ExecuTorch without per-token copies of the expert "
@@ -220,6 +222,42 @@ def _export_ready(model, token_backend: str | None = "batched_mm"):
 
 
 @contextlib.contextmanager
+def _muted_loggers(*names):
+    """Raise these Python loggers to ERROR for the duration; restored afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stderr_without(*markers: str):
+    """Hold back the lines containing one of `markers` that native code writes to file descriptor 2 for the
+    duration; the other lines are written out afterwards. (ExecuTorch's runtime reports from C++, through no logger,
+    every probe of /sys/devices/... its CPU detection makes and every thread-pool resize.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True)
+                    if not any(marker.encode() in line for marker in markers)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+@contextlib.contextmanager
 def _staged(path: Path):
     """Yield a path in a fresh temporary folder beside `path`; on success it is renamed onto `path` (atomic on one
     file system), on any error it is deleted with its folder. Nothing partial is ever left at `path`."""
@@ -331,6 +369,8 @@ def export_onnx(
         calib = _calibration_batches(model, calibration, None if dynamic_batch else example.shape[0])
     if atol is None:
         atol = 1e-4
+    for module in ("onnxscript", "onnx") + (("onnxruntime",) if verify or quantize else ()):
+        require(module, purpose="ONNX export")  # torch.onnx.export(dynamo=True) needs onnxscript and onnx
     path = Path(path)
     output_names = ["logits", "router_logits"] if with_router_logits else ["logits"]
     with _export_ready(model), torch.no_grad():
@@ -346,18 +386,20 @@ def export_onnx(
                     trace = example.repeat(2, 1, 1, 1) if dynamic_batch and example.shape[0] == 1 else example
                     source = torch.export.export(wrapper, (trace,), dynamic_shapes=dynamic_shapes).module()
                     int8_expert_weights(source)
-                torch.onnx.export(
-                    source,
-                    (example,),
-                    str(fp32_path),
-                    dynamo=True,
-                    input_names=[INPUT_NAME],
-                    output_names=output_names,
-                    dynamic_shapes=dynamic_shapes,
-                    opset_version=opset_version,
-                    external_data=False,
-                    verbose=False,
-                )
+                # the exporter logs one "torchvision is not installed" line per torchvision op it would register
+                with _muted_loggers("torch.onnx._internal.exporter._registration"):
+                    torch.onnx.export(
+                        source,
+                        (example,),
+                        str(fp32_path),
+                        dynamo=True,
+                        input_names=[INPUT_NAME],
+                        output_names=output_names,
+                        dynamic_shapes=dynamic_shapes,
+                        opset_version=opset_version,
+                        external_data=False,
+                        verbose=False,
+                    )
             if quantize:
                 quantize_onnx(fp32_path, staged, mode=quantization, calibration=calib,
                               quantize_router=quantize_router)
@@ -411,7 +453,8 @@ def quantize_onnx(
     add pairs of 8-bit products in 16 bits, which saturates with full-range weights; measured on a digits model on
     such a CPU, 8-bit weights routed 89% (dynamic) / 95% (static) of the images like float32, 7-bit weights 99%.
     The file may run on any CPU, so 7 bits is the default; False gives 8-bit weights for ARM or VNNI targets."""
-    import onnx
+    onnx = require("onnx", purpose="ONNX int8 quantization")
+    require("onnxruntime.quantization", purpose="ONNX int8 quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode not in ONNX_QUANTIZATION_MODES:
@@ -442,7 +485,7 @@ class OnnxVMoE:
     `run(pixel_values)` returns every output. Accepts torch tensors or numpy arrays."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_num_threads: int | None = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", purpose="Running an ONNX file")
 
         options = ort.SessionOptions()
         if intra_op_num_threads is not None:
@@ -467,14 +510,7 @@ class OnnxVMoE:
 
 
 def _require_executorch():
-    try:
-        import executorch  # noqa: F401
-        from executorch.exir import to_edge_transform_and_lower  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            f"ExecuTorch export needs the executorch package ({EXECUTORCH_VERSION_RANGE}, built for torch 2.13): "
-            f'pip install "hf-vmoe[executorch]" ({err})'
-        ) from err
+    require("executorch.exir", purpose="ExecuTorch export")
 
 
 def int8_expert_weights(gm: torch.fx.GraphModule) -> int:
@@ -535,6 +571,7 @@ def _pt2e_int8(exported, batches):
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    require("torchao.quantization.pt2e.quantize_pt2e", purpose="ExecuTorch int8 (PT2E)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -607,8 +644,7 @@ def export_executorch(
 
 def set_executorch_threads(num_threads: int) -> None:
     """Size of ExecuTorch's (process-wide) CPU thread pool, used by the XNNPACK delegate."""
-    from executorch.extension.pybindings import portable_lib
-
+    portable_lib = require("executorch.extension.pybindings.portable_lib", purpose="ExecuTorch's runtime")
     portable_lib._unsafe_reset_threadpool(int(num_threads))
 
 
@@ -623,11 +659,12 @@ class ExecuTorchVMoE:
         _require_executorch()
         from executorch.runtime import Runtime
 
-        if num_threads is not None:
-            set_executorch_threads(num_threads)
         self.path = Path(path)
-        self.program = Runtime.get().load_program(self.path)
-        self.method = self.program.load_method("forward")
+        with _native_stderr_without("cpuinfo_utils.cpp", "threadpool.cpp"):  # the thread pool probes the CPU
+            if num_threads is not None:
+                set_executorch_threads(num_threads)
+            self.program = Runtime.get().load_program(self.path)
+            self.method = self.program.load_method("forward")
         meta = self.method.metadata
         self.input_shape = tuple(meta.input_tensor_meta(0).sizes())
         self.num_outputs = meta.num_outputs()
@@ -687,28 +724,15 @@ def calibration_images(folder: str | Path, processor, limit: int = 128) -> torch
     return processor(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
 
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("model", help="a saved model folder (VMoE, or any transformers image classifier)")
-    parser.add_argument("--format", choices=("onnx", "executorch"), required=True)
-    parser.add_argument("--output", "-o", required=True, help="the .onnx / .pte file to write")
-    parser.add_argument("--int8", action="store_true", help="int8 quantization (ExecuTorch: needs --calibration-dir)")
-    parser.add_argument("--onnx-quantization", choices=ONNX_QUANTIZATION_MODES, default="dynamic",
-                        help="onnxruntime int8 mode (static needs --calibration-dir)")
-    parser.add_argument("--calibration-dir", help="a folder of real images (e.g. the training imagefolder)")
-    parser.add_argument("--calibration-images", type=int, default=128, help="how many calibration images to use")
-    parser.add_argument("--float-experts", action="store_true", help="int8: keep the experts' weights float32")
-    parser.add_argument("--batch-size", type=int, default=1, help="example batch (ExecuTorch: the program's batch)")
-    parser.add_argument("--static-batch", action="store_true", help="ONNX: fix the batch size instead of a dynamic one")
-    parser.add_argument("--with-router-logits", action="store_true", help="a second output: the router's logits")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the export")
-
-
 def run_cli(args) -> int:
-    """`hf-vmoe export`: load, export (verified against PyTorch), print what was written."""
+    """`hf-vmoe export` (its arguments: `hf_vmoe_cli.add_export_arguments`): load, export (verified against
+    PyTorch), print what was written."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .. import VMoEConfig  # noqa: F401  (registers the Auto classes)
+    from ..configuration_vmoe import check_local_path
 
+    check_local_path(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
