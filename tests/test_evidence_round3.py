@@ -4,6 +4,7 @@ manifest, split kept on a re-run, refused when the images change) and the runner
 import importlib.util
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -78,16 +79,23 @@ def test_prepare_refuses_wrong_counts(prep, tmp_path):
 def test_runner_pins_the_kernels_and_shares_a_root(tmp_path, monkeypatch):
     runner = load(ROUND3 / "run_round3.py")
     r2 = runner.r2
+    for name in ("EVD2", "RUNS", "LOG", "CHOICES", "TIN", "plan", "RUN_ENV"):  # restored after the test
+        monkeypatch.setattr(r2, name, getattr(r2, name))
     r2.configure(tmp_path, runner.plan, runner.ISA["avx2"])
     facts = r2.machine_facts({**os.environ, **r2.RUN_ENV})
-    assert facts["cpu_capability"] == "AVX2" and facts["pinned_env"]["ATEN_CPU_CAPABILITY"] == "avx2"
-    assert facts["torch"] and facts["transformers"] and facts["cpu"]
+    assert facts["pinned_env"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert facts["torch"] and facts["transformers"] and facts["cpu"] and facts["cpu_capability"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert facts["cpu_capability"] == "AVX2"  # the pin reaches torch (x86 machines have AVX2)
     plan = {r.name: r for r in runner.plan()}
     assert {"A3-dense-s42", "A3-moe-conf-s44", "A3-moe-lfb-s43", "C-token-s42", "B3-moe-conf-drop-s42"} <= set(plan)
     assert "router_bias_update_rate=0.001,router_aux_loss_coef=0.0" in plan["A3-moe-lfb-s42"].argv
     run = plan["A3-dense-s42"]
     assert r2.claim(run) and not r2.claimed_elsewhere(run)
-    r2._claim_path(run).write_text(str(os.getppid()))  # a live process of another runner holds it
+    boot = r2._boot_id()
+    r2._claim_path(run).write_text(f"{boot} {os.getppid()}")  # a live process of another runner holds it
     assert not r2.claim(run) and r2.claimed_elsewhere(run)
-    r2._claim_path(run).write_text("999999999")  # a runner that is gone: its claim is taken over
+    r2._claim_path(run).write_text(f"{boot} 999999999")  # a runner that is gone: its claim is taken over
+    assert r2.claim(run)
+    r2._claim_path(run).write_text(f"another-boot {os.getppid()}")  # from before a restart: pid reused, stale
     assert r2.claim(run)

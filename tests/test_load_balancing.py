@@ -197,3 +197,54 @@ def test_loads_are_summed_over_processes():
     assert results[0] == results[1]  # every rank holds the same bias
     # summed loads [8, 0, 0, 8], mean 4: experts 0 and 3 down, 1 and 2 up
     assert results[0] == pytest.approx([-RATE, RATE, RATE, -RATE])
+
+
+def test_balancing_can_be_switched_on_for_a_model_saved_without_it(tmp_path, caplog):
+    plain = VMoEForImageClassification(tiny_config())
+    plain.save_pretrained(tmp_path / "plain")
+    model = VMoEForImageClassification.from_pretrained(tmp_path / "plain", router_bias_update_rate=RATE)
+    assert torch.equal(routers(model)[0].e_score_correction_bias, torch.zeros(4))  # starts unbiased
+    balanced = collapsed_model("image")
+    routers(balanced)[0].e_score_correction_bias.fill_(0.5)
+    balanced.save_pretrained(tmp_path / "balanced")
+    with caplog.at_level("WARNING"):
+        VMoEForImageClassification.from_pretrained(tmp_path / "balanced", router_bias_update_rate=0.0)
+    assert "selection biases are dropped" in caplog.text
+
+
+def test_bias_stays_float32_when_the_model_is_cast():
+    model = collapsed_model("image").to(torch.bfloat16)
+    bias = routers(model)[0].e_score_correction_bias
+    assert bias.dtype == torch.float32
+    bias.fill_(0.5)
+    routers(model)[0].record_load(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    update_router_biases(model)
+    assert bias[1].item() == pytest.approx(0.5 + RATE)  # bfloat16 would have rounded the step away
+
+
+def test_one_image_on_the_host_picks_what_torch_picks_near_ties():
+    """Batch-1 CPU inference plans on the host (no grad); with grad on, the same forward selects with torch. With a
+    bias that makes an image's best two scores (nearly) tie, both must choose the same expert."""
+    model = collapsed_model("image").eval()
+    router = routers(model)[0]
+    seen = []
+    router.register_forward_hook(lambda module, args, out: seen.append(out[1].top_k_index.item()))
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randn(1, 3, 32, 32, generator=generator)
+        router.e_score_correction_bias.zero_()
+        with torch.no_grad():
+            probs = model.vmoe(x, output_router_logits=True).router_logits[0].softmax(-1)[0]
+        first, second = probs.topk(2).indices.tolist()
+        router.e_score_correction_bias[second] = (probs[first] - probs[second]).item()
+        seen.clear()
+        with torch.no_grad():
+            model(x)  # the host-side plan
+        with torch.enable_grad():
+            model(x)  # torch.topk of the same float32 scores
+        assert seen[0] == seen[1]
+
+
+def test_superclass_forcing_and_balancing_are_refused_together():
+    with pytest.raises(ValueError, match="drift without balancing"):
+        tiny_config(router_bias_update_rate=RATE, superclass_ids=[0, 1, 2, 3, 0], train_routing="superclass")

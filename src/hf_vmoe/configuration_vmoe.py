@@ -411,6 +411,12 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"router_type={self.router_type!r} routes {' or '.join(f'{x}s' for x in levels)}: it needs "
                 f"routing_level={' or '.join(repr(x) for x in levels)}, got {self.routing_level!r}"
             )
+        if self.router_bias_update_rate and self.train_routing == "superclass" and self.superclass_ids is not None:
+            raise ValueError(
+                f"router_bias_update_rate={self.router_bias_update_rate} balances the router's own choices; with "
+                "train_routing='superclass' training images go to their super-class's expert, so the bias would "
+                "drift without balancing anything: use train_routing='router' or set the rate to 0"
+            )
         if self.router_bias_update_rate and self.router_type != "top_k":
             raise ValueError(
                 f"router_bias_update_rate={self.router_bias_update_rate} balances top-k routers; "

@@ -318,12 +318,10 @@ class VMoERouting:
 
     `dispatch` gives the experts interface its inputs: rows `(R, H)` and their `(R, k)` expert assignments and
     weights; `combine` brings the `(R, H)` expert outputs back to `(B, S, H)`. Subclasses set `logits` (float32,
-    before noise, for the losses) and `balanced` (True when the load is balanced by construction, so balancing
-    losses do not apply). A plan computes its own auxiliary loss (`aux_loss`); `seq_len` is set by plans that route
-    whole images of `seq_len` tokens (their router can learn super-classes)."""
+    before noise, for the losses). A plan computes its own auxiliary loss (`aux_loss`); `seq_len` is set by plans
+    that route whole images of `seq_len` tokens (their router can learn super-classes)."""
 
     logits: torch.Tensor
-    balanced: bool = False
     seq_len: int | None = None
 
     def aux_loss(self, config: VMoEConfig) -> torch.Tensor:
@@ -460,19 +458,19 @@ class OneImageRouting(TopKRouting):
         return experts.infer_one_image(hidden_states, self.experts, self.weights)
 
 
-def host_top_k(logits: list[float], top_k: int, normalize: bool, bias: list[float] | None = None
+def host_top_k(scores: list[float], top_k: int, normalize: bool, probs: list[float] | None = None
                ) -> tuple[list[int], list[float]] | None:
-    """torch.topk(softmax(logits) [+ bias], k) of one item, in Python: (expert ids, unbiased weights) in descending
-    order of the selection score; None when the k-th and (k+1)-th scores tie, where torch.topk's choice is the one
-    to follow."""
-    top = max(logits)
-    exps = [math.exp(value - top) for value in logits]
-    total = sum(exps)
-    probs = [value / total for value in exps]
-    scores = logits if bias is None else [p + b for p, b in zip(probs, bias)]
-    order = sorted(range(len(logits)), key=scores.__getitem__, reverse=True)
-    if top_k < len(logits) and scores[order[top_k - 1]] == scores[order[top_k]]:
+    """torch.topk of one item's selection scores, in Python: (expert ids, weights) in descending order of score;
+    None when the k-th and (k+1)-th scores tie, where torch.topk's choice is the one to follow. `scores` are the
+    logits (the weights are then their softmax), or probabilities + a selection bias with `probs` the weights."""
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+    if top_k < len(scores) and scores[order[top_k - 1]] == scores[order[top_k]]:
         return None
+    if probs is None:
+        top = scores[order[0]]
+        exps = [math.exp(value - top) for value in scores]
+        total = sum(exps)
+        probs = [value / total for value in exps]
     weights = [probs[e] for e in order[:top_k]]
     if normalize:
         norm = sum(weights)
@@ -491,7 +489,6 @@ class ExpertChoiceRouting(VMoERouting):
     token_index: torch.Tensor
     expert_index: torch.Tensor
     weights: torch.Tensor
-    balanced = True
 
     def aux_loss(self, config):
         return z_loss(self.logits, config)  # balanced by construction: no balancing loss
@@ -530,7 +527,6 @@ class SoftRouting(VMoERouting):
     dispatch_weights: torch.Tensor
     combine_weights: torch.Tensor
     num_slots: int
-    balanced = True
 
     def apply(self, experts, hidden_states):
         if experts.implementation != "eager":
@@ -746,8 +742,12 @@ class VMoETopKRouter(VMoERouter):
             # static shapes first: testing the batch size under export would specialise the batch dimension
             if not (_static_shapes() or torch.is_grad_enabled()) and self.image_level and logits.shape[0] == 1 and (
                     logits.device.type == "cpu"):
-                bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.tolist()
-                plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights, bias)
+                if self.e_score_correction_bias is None:
+                    plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
+                else:  # rank the float32 scores `select` ranks, weight by the unbiased probabilities
+                    probs = logits.softmax(dim=-1)
+                    scores = (probs + self.e_score_correction_bias.float()).tolist()[0]
+                    plan = host_top_k(scores, self.top_k, self.config.normalize_router_weights, probs.tolist()[0])
                 if plan is not None:
                     return logits, OneImageRouting(logits, *plan, seq_len)
             top_k_weights, top_k_index = self.select(logits.softmax(dim=-1))  # (N, k)
@@ -770,6 +770,13 @@ class VMoETopKRouter(VMoERouter):
     def groups_matter(cls, config, record):
         return config.eval_capacity_factor is not None or record  # dropless top-k without losses: per item
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        bias = self.e_score_correction_bias
+        if bias is not None and bias.dtype != torch.float32:  # model.to(bfloat16): steps of 1e-3 would round away
+            self.e_score_correction_bias = bias.float()
+        return self
+
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, E) probabilities -> the k chosen experts' probabilities and ids (N, k); with loss-free balancing the
         experts are chosen by probability + bias, and the weights are still the unbiased probabilities."""
@@ -784,7 +791,7 @@ class VMoETopKRouter(VMoERouter):
         self.load = counts if self.load is None else self.load + counts
         self.forwards_since_update += 1
         if self.forwards_since_update == 1000:
-            logger.warning(
+            logger.warning_once(
                 "router_bias_update_rate=%s but the router bias was not updated in 1000 training forwards: call "
                 "hf_vmoe.update_router_biases(model) after each optimizer step (RouterBiasUpdateCallback does it "
                 "in the Trainer)", self.config.router_bias_update_rate)
@@ -962,6 +969,8 @@ def register_router(name: str, router_class: type[VMoERouter], routing_levels: t
     plan a `VMoERouting` (its `aux_loss` is the router's own losses). `routing_levels`: the `routing_level` values
     it supports. A saved model with this router loads where the same registration has run (remote code carries only
     the built-in routers)."""
+    if name in ("top_k", "expert_choice", "soft"):
+        raise ValueError(f"router_type {name!r} is built in: register the router under another name")
     if not (isinstance(router_class, type) and issubclass(router_class, VMoERouter)):
         raise TypeError(f"router_class must be a VMoERouter subclass, got {router_class!r}")
     bad = [level for level in routing_levels if level not in ("image", "token")]
@@ -981,8 +990,9 @@ def update_router_biases(model: nn.Module) -> bool:
     routers = [m for m in model.modules() if isinstance(m, VMoETopKRouter) and m.e_score_correction_bias is not None]
     if not routers:
         return False
-    loads = torch.stack([r.load if r.load is not None else torch.zeros_like(r.e_score_correction_bias)
-                         for r in routers]).to(routers[0].e_score_correction_bias.device)  # (routers, E)
+    device = routers[0].e_score_correction_bias.device
+    loads = torch.stack([(r.load if r.load is not None else torch.zeros_like(r.e_score_correction_bias)).to(device)
+                         for r in routers])  # (routers, E)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(loads)
     moved = False
@@ -990,7 +1000,8 @@ def update_router_biases(model: nn.Module) -> bool:
         router.load, router.forwards_since_update = None, 0
         if load.sum() > 0:
             rate = router.config.router_bias_update_rate
-            router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load).to(router.e_score_correction_bias))
+            bias = router.e_score_correction_bias
+            bias.add_(rate * torch.sign(load.mean() - load).to(bias))
             moved = True
     return moved
 
@@ -1324,7 +1335,7 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
             b["shared_experts"] += 2 * 2 * t * h * config.num_shared_experts * config.shared_expert_intermediate_size
         if config.routing_level == "token":
             for name, value in router.token_flops(config, t).items():
-                b[name] += value
+                b[name] = b.get(name, 0) + value
         elif not config.shared_router:
             b["router"] += image_router
     if config.is_moe and config.routing_level == "image" and config.shared_router:
@@ -1440,6 +1451,10 @@ class VMoEPreTrainedModel(PreTrainedModel):
                 "The file is truncated or corrupt; save or download it again."
             ) from err
         cls._refuse_old_soft_router(pretrained_model_name_or_path, info)
+        if any(key.endswith("e_score_correction_bias") for key in info["unexpected_keys"]):
+            logger.warning("%s was trained with loss-free balancing: its routers' selection biases are dropped "
+                           "because router_bias_update_rate is 0 in this config, so experts are chosen without them; "
+                           "pass router_bias_update_rate to keep them", pretrained_model_name_or_path)
         if output_loading_info:
             return model, info
         if not ignore_mismatched_sizes:
@@ -1450,7 +1465,8 @@ class VMoEPreTrainedModel(PreTrainedModel):
             problems += [
                 f"  {key}: missing from the checkpoint"
                 for key in sorted(info["missing_keys"])
-                if not key.startswith(cls._head_prefixes)
+                # a head is new on fine-tuning; a selection bias starts at zero when balancing is switched on
+                if not key.startswith(cls._head_prefixes) and not key.endswith("e_score_correction_bias")
             ]
             if problems:
                 raise VMoECheckpointMismatchError(

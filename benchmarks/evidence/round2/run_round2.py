@@ -398,7 +398,11 @@ def git_state() -> dict:
 MACHINE_PROBE = """
 import json, platform, subprocess, torch, transformers
 cpu = platform.processor() or platform.machine()
-for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+try:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+except OSError:
+    lscpu = ""
+for line in lscpu.splitlines():
     if line.startswith("Model name:"):
         cpu = line.split(":", 1)[1].strip()
 print(json.dumps({"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
@@ -481,6 +485,22 @@ def _claim_path(run: Run) -> Path:
     return RUNS / f"{run.name}.claim"
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _claimer(run: Run) -> tuple[str, int] | None:
+    """(boot id, pid) of the runner process that claimed the run, or None."""
+    try:
+        boot, pid = _claim_path(run).read_text().split()
+        return boot, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -492,31 +512,22 @@ def _alive(pid: int) -> bool:
 
 
 def claimed_elsewhere(run: Run) -> bool:
-    """Another live runner process is running this run (its pid is in RUNS/<name>.claim)."""
-    try:
-        pid = int(_claim_path(run).read_text())
-    except (OSError, ValueError):
-        return False
-    return pid != os.getpid() and _alive(pid)
+    """Another live runner process of this boot is running this run (RUNS/<name>.claim: boot id and pid; a claim
+    from before a restart is stale even if its pid was reused)."""
+    owner = _claimer(run)
+    return owner is not None and owner[0] == _boot_id() and owner[1] != os.getpid() and _alive(owner[1])
 
 
 def claim(run: Run) -> bool:
-    """Take a run for this runner process, so that several runner processes (one per lane) can share a root:
-    RUNS/<name>.claim is created exclusively and holds the pid; a claim whose process is gone is taken over."""
+    """Take a run for this runner process, so that several runner processes (one per lane) can share a root. The
+    check and the write happen under one file lock; a claim whose process is gone is taken over."""
     RUNS.mkdir(parents=True, exist_ok=True)
-    path = _claim_path(run)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if claimed_elsewhere(run):
-                return False
-            path.unlink(missing_ok=True)  # stale: its runner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+    with open(RUNS / ".claims.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if claimed_elsewhere(run):
+            return False
+        _claim_path(run).write_text(f"{_boot_id()} {os.getpid()}")
         return True
-    return False
 
 
 class Runner:
@@ -544,7 +555,9 @@ class Runner:
     def ready(self, run: Run) -> bool:
         for d in run.deps:
             # a dependency started here must also have exited (its results appear before its process ends)
-            if d in self.failed or not is_done(self.all_runs[d]) or (d in self.started and d not in self.finished):
+            dep = self.all_runs[d]
+            if d in self.failed or not is_done(dep) or (d in self.started and d not in self.finished) or (
+                    claimed_elsewhere(dep)):  # its process may still be writing its results
                 return False
         choices = load_choices()
         return all(k in choices for k in run.needs)
@@ -569,6 +582,9 @@ class Runner:
             live = [r for r in pending if not self.blocked_forever(r)]
             for r in live:
                 if self.ready(r) and claim(r):
+                    if is_done(r):  # another runner finished it meanwhile
+                        _claim_path(r).unlink(missing_ok=True)
+                        continue
                     self.started.add(r.name)
                     self.running += 1
                     return r

@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     root = Path(os.environ.get("EVD3", "/work/evd3"))
     isa = "avx2"
     while argv and argv[0] in ("--root", "--isa"):
+        if len(argv) < 2:
+            raise SystemExit(f"{argv[0]} needs a value")
         flag, value = argv[0], argv[1]
         argv = argv[2:]
         if flag == "--root":
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--isa must be one of {sorted(ISA)}, got {value!r}")
         else:
             isa = value
-    if "--group" not in argv and "--only" not in argv:
+    if not any(a.split("=")[0] in ("--group", "--only") for a in argv):
         argv += ["--group", "A3,B3,C"]
     r2.configure(root, plan, ISA[isa])
     return r2.main(argv)
