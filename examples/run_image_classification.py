@@ -121,6 +121,11 @@ class ModelArguments:
         default=None, metadata={"help": "After training, write super-classes for this many experts from the model's "
                                         "confusion matrix on the validation split to OUTPUT_DIR/superclasses.json."}
     )
+    superclass_confusion: str = field(
+        default="soft", metadata={"help": "With --compute_superclasses: partition the 'soft' confusion matrix (summed "
+                                          "predicted probabilities, as the demo and the evidence runs do: every class "
+                                          "is confused a little, so an accurate model still gives similarity) or "
+                                          "the 'hard' one (argmax counts).", "choices": ["soft", "hard"]})
     ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Allow a new classifier head."})
 
 
@@ -396,7 +401,7 @@ def main(argv=None):
         ids, cm, report = superclasses_from_model(
             trainer.model, heldout.with_transform(eval_transforms), model_args.compute_superclasses,
             batch_size=training_args.per_device_eval_batch_size, collate_fn=collate_fn, seed=training_args.seed,
-            progress=True)
+            progress=True, soft=model_args.superclass_confusion == "soft")
         path = save_superclasses(os.path.join(training_args.output_dir, "superclasses.json"), ids, labels,
                                  confusion=cm, info={"confusion_report": report, "heldout": heldout_record})
         if "share" in heldout_record:  # `hf-vmoe superclasses from-model` copies it into the maps it writes
