@@ -10,10 +10,11 @@ import contextlib
 import importlib
 import importlib.abc
 import importlib.util
-import logging
 import sys
 import types
 import warnings
+
+from .integrations.extras import muted_loggers
 
 
 @contextlib.contextmanager
@@ -28,15 +29,8 @@ def _quiet_torchao_import():
     if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
         yield
         return
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
+    with muted_loggers("torchao", "torch.utils._pytree"):
         yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 with _quiet_torchao_import():

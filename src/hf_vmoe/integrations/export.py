@@ -47,7 +47,6 @@ onnx, onnxruntime and onnxscript are the `onnx` extra (`pip install "hf-vmoe[onn
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -59,7 +58,7 @@ import torch
 from torch import nn
 
 from ..configuration_vmoe import to_pair
-from .extras import require
+from .extras import muted_loggers, require
 
 OPSET_VERSION = 18
 INPUT_NAME = "pixel_values"
@@ -222,20 +221,6 @@ def _export_ready(model, token_backend: str | None = "batched_mm"):
 
 
 @contextlib.contextmanager
-def _muted_loggers(*names):
-    """Raise these Python loggers to ERROR for the duration; restored afterwards."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def _native_stderr_without(*markers: str):
     """Hold back the lines containing one of `markers` that native code writes to file descriptor 2 for the
     duration; the other lines are written out afterwards. (ExecuTorch's runtime reports from C++, through no logger,
@@ -387,7 +372,7 @@ def export_onnx(
                     source = torch.export.export(wrapper, (trace,), dynamic_shapes=dynamic_shapes).module()
                     int8_expert_weights(source)
                 # the exporter logs one "torchvision is not installed" line per torchvision op it would register
-                with _muted_loggers("torch.onnx._internal.exporter._registration"):
+                with muted_loggers("torch.onnx._internal.exporter._registration"):
                     torch.onnx.export(
                         source,
                         (example,),

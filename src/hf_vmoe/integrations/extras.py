@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import importlib
 
 # top-level module -> (extra of hf-vmoe that installs it, what to add to the message)
@@ -30,3 +33,17 @@ def require(module: str, *, purpose: str):
 
 
 __all__ = ["EXTRAS", "require"]
+
+
+@contextlib.contextmanager
+def muted_loggers(*names: str):
+    """Raise these Python loggers to ERROR for the duration; their levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
