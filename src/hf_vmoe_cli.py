@@ -26,7 +26,7 @@ import sys
 DEMO_DEFAULTS = dict(layers=6, width=64, heads=2, image_size=32, patch_size=8, num_experts=5, top_k=1, moe_blocks=2,
                      epochs=30, batch_size=64, learning_rate=2e-3)
 # the same values as hf_vmoe.recipes.analysis.PATCH_LABELS / DEFAULT_THRESHOLD and
-# hf_vmoe.integrations.export.ONNX_QUANTIZATION_MODES (tests/test_new_user_round3.py checks)
+# hf_vmoe.integrations.export.ONNX_QUANTIZATION_MODES (tests/test_errors_extras_and_cli.py checks)
 PATCH_LABELS = ("majority", "nearest")
 ANALYZE_THRESHOLD = 0.2
 ONNX_QUANTIZATION_MODES = ("dynamic", "static")

@@ -81,7 +81,7 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     assert cli_main(["superclasses", "from-model", "--model", str(dense_dir), "--validation-dir",
                      str(imagefolder / "validation"), "--num-experts", "2", "-o", str(cli_file)]) == 0
     cli_ids = load_superclass_map(cli_file, class_names=CLASSES)
-    assert sorted(np.bincount(cli_ids).tolist()) == [2, 2]  # (same images -> same map: test_user_frictions.py)
+    assert sorted(np.bincount(cli_ids).tolist()) == [2, 2]  # (same images -> same map: test_recipe_usability.py)
     cli_json = tmp_path / "superclasses_cli.json"
     assert cli_main(["superclasses", "from-model", "--model", str(dense_dir), "--validation-dir",
                      str(imagefolder / "validation"), "--num-experts", "2", "-o", str(cli_json)]) == 0

@@ -248,3 +248,27 @@ def test_one_image_on_the_host_picks_what_torch_picks_near_ties():
 def test_superclass_forcing_and_balancing_are_refused_together():
     with pytest.raises(ValueError, match="drift without balancing"):
         tiny_config(router_bias_update_rate=RATE, superclass_ids=[0, 1, 2, 3, 0], train_routing="superclass")
+
+
+def test_a_registered_top_k_router_can_balance_and_another_router_is_refused():
+    from hf_vmoe.configuration_vmoe import ROUTER_LEVELS
+    from hf_vmoe.modeling_vmoe import ROUTER_CLASSES, VMoERouter, register_router
+
+    class MyTopK(VMoETopKRouter):
+        pass
+
+    class NotTopK(VMoERouter):
+        pass
+
+    try:
+        register_router("my_top_k", MyTopK, routing_levels=("image", "token"))
+        register_router("not_top_k", NotTopK)
+        model = VMoEForImageClassification(tiny_config(router_type="my_top_k", router_bias_update_rate=RATE))
+        assert routers(model)[0].e_score_correction_bias is not None
+        config = tiny_config(router_type="not_top_k", routing_level="token", router_bias_update_rate=RATE)
+        with pytest.raises(ValueError, match="not_top_k.*NotTopK.*set it to 0"):
+            VMoEForImageClassification(config)
+    finally:
+        for name in ("my_top_k", "not_top_k"):
+            ROUTER_CLASSES.pop(name, None)
+            ROUTER_LEVELS.pop(name, None)

@@ -1,5 +1,5 @@
 """`pipeline(task, model=<saved folder>)` never asks "Do you wish to run the custom code? [y/N]" once hf_vmoe is
-imported (issue 16, point 1), whatever stdin is; without hf_vmoe, `trust_remote_code=True` still loads the folder's
+imported, whatever stdin is; without hf_vmoe, `trust_remote_code=True` still loads the folder's
 own code.
 
 The question comes from the pipeline's video-processor lookup (`AutoVideoProcessor.from_pretrained` ->

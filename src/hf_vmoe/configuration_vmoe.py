@@ -417,7 +417,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
                 "train_routing='superclass' training images go to their super-class's expert, so the bias would "
                 "drift without balancing anything: use train_routing='router' or set the rate to 0"
             )
-        if self.router_bias_update_rate and self.router_type != "top_k":
+        if self.router_bias_update_rate and self.router_type in ("expert_choice", "soft"):
             raise ValueError(
                 f"router_bias_update_rate={self.router_bias_update_rate} balances top-k routers; "
                 f"router_type={self.router_type!r} is balanced by construction: set it to 0"

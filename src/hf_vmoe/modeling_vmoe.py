@@ -980,6 +980,15 @@ def register_router(name: str, router_class: type[VMoERouter], routing_levels: t
     ROUTER_LEVELS[name] = tuple(routing_levels)
 
 
+def _build_router(config: VMoEConfig) -> VMoERouter:
+    """The router `config.router_type` names; loss-free balancing needs a top-k router (or a subclass)."""
+    router_class = ROUTER_CLASSES[config.router_type]
+    if config.router_bias_update_rate and not issubclass(router_class, VMoETopKRouter):
+        raise ValueError(f"router_bias_update_rate={config.router_bias_update_rate} balances top-k routers; "
+                         f"router_type={config.router_type!r} ({router_class.__name__}) is not one: set it to 0")
+    return router_class(config)
+
+
 @torch.no_grad()
 def update_router_biases(model: nn.Module) -> bool:
     """Loss-free balancing (Wang et al. 2024): after an optimizer step, move every balancing router's selection
@@ -1231,7 +1240,7 @@ class VMoESparseMoeBlock(nn.Module):
     def __init__(self, config: VMoEConfig):
         super().__init__()
         has_router = not (config.routing_level == "image" and config.shared_router)
-        self.router = ROUTER_CLASSES[config.router_type](config) if has_router else None
+        self.router = _build_router(config) if has_router else None
         self.experts = VMoEExperts(config)
         width = config.num_shared_experts * config.shared_expert_intermediate_size
         self.shared_expert = VMoEMLP(config, width) if config.num_shared_experts > 0 else None
@@ -1638,7 +1647,7 @@ class VMoEEncoder(VMoEPreTrainedModel):
         super().__init__(config)
         self.layer = nn.ModuleList([VMoELayer(config, i) for i in range(config.num_hidden_layers)])
         shared = config.is_moe and config.routing_level == "image" and config.shared_router
-        self.router = ROUTER_CLASSES[config.router_type](config) if shared else None
+        self.router = _build_router(config) if shared else None
         self.first_moe_layer = config.moe_layers[0] if config.is_moe else -1
         self.post_init()
 

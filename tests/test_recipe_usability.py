@@ -1,4 +1,4 @@
-"""What a new user hit running the recipe on an unseen dataset (issue 16): routing-health warnings, held-out
+"""The recipe on an unseen dataset, as a new user runs it: routing-health warnings, held-out
 super-class split, log interval and pinned memory defaults, the model card, heatmap labels, `hf-vmoe analyze`.
 (The pipeline prompt is tests/test_pipeline_prompt.py.)"""
 

@@ -1,4 +1,4 @@
-"""What a new user hit, third round (issue 27): fine-tuning a super-class MoE to new labels, missing extras, our own
+"""What a new user meets beyond the recipe: fine-tuning a super-class MoE to new labels, missing extras, our own
 errors before upstream's, import noise, a fast `hf-vmoe --help`, docs that match a run."""
 
 import logging
