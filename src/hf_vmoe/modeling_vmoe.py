@@ -746,7 +746,7 @@ class VMoETopKRouter(VMoERouter):
                     plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
                 else:  # rank the float32 scores `select` ranks, weight by the unbiased probabilities
                     probs = logits.softmax(dim=-1)
-                    scores = (probs + self.e_score_correction_bias.float()).tolist()[0]
+                    scores = (probs + self.e_score_correction_bias).tolist()[0]
                     plan = host_top_k(scores, self.top_k, self.config.normalize_router_weights, probs.tolist()[0])
                 if plan is not None:
                     return logits, OneImageRouting(logits, *plan, seq_len)
@@ -782,7 +782,7 @@ class VMoETopKRouter(VMoERouter):
         experts are chosen by probability + bias, and the weights are still the unbiased probabilities."""
         if self.e_score_correction_bias is None:
             return torch.topk(probs, self.top_k, dim=-1)
-        top_k_index = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+        top_k_index = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1).indices
         return probs.gather(1, top_k_index), top_k_index
 
     def record_load(self, counts: torch.Tensor) -> None:
@@ -1029,7 +1029,7 @@ def z_loss(logits: torch.Tensor, config: VMoEConfig) -> torch.Tensor:
     """ST-MoE's router z-loss, mean squared logsumexp of the logits, weighted by `router_z_loss_coef`."""
     if not config.router_z_loss_coef:
         return logits.new_zeros(())
-    return logits.new_zeros(()) + config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
