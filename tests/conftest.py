@@ -56,3 +56,10 @@ def real_data() -> Path:
         pytest.skip(f"real-data folder absent: {REAL_DATA} (the real images some tests train on, outside the "
                     "repository; HF_VMOE_REAL_DATA, default ../shared/data beside the checkout)")
     return REAL_DATA
+
+
+def expert_mlp(experts, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One expert of a `VMoEExperts` as a plain MLP, the reference the experts' backends are checked against."""
+    up = torch.nn.functional.linear(hidden_states, experts.up_proj[expert_idx], experts.up_proj_bias[expert_idx])
+    return torch.nn.functional.linear(experts.act_fn(up), experts.down_proj[expert_idx],
+                                      experts.down_proj_bias[expert_idx])

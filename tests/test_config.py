@@ -161,9 +161,12 @@ def test_grouped_mm_width_check():
     assert model.config._experts_implementation == "batched_mm"
     # a dense model has no experts: any width is fine
     tiny_config(moe_layers=(), **odd).check_vmoe(experts_implementation="grouped_mm")
-    # default backend: eager on CPU-only machines (fastest there, the README (Performance)), grouped_mm when a GPU is present
+    # default backend: on CPU-only machines eager (fastest there, docs/performance.md), for image routing with its
+    # batch-1 fast path (vmoe_cpu); grouped_mm when a GPU is present
     expected = "grouped_mm" if torch.cuda.is_available() else "eager"
     assert VMoEForImageClassification(tiny_config(routing_level="token")).config._experts_implementation == expected
+    expected = "grouped_mm" if torch.cuda.is_available() else "vmoe_cpu"
+    assert VMoEForImageClassification(tiny_config()).config._experts_implementation == expected
 
 
 def _roundtrip_configs():

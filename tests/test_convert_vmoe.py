@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import vmoe_reference as ref
+from conftest import expert_mlp
 from hf_vmoe.integrations.convert_vmoe import (
     VMOE_PRESETS,
     convert_vmoe_checkpoint,
@@ -558,7 +559,7 @@ def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs():
                 if plan.keep is not None and not plan.keep[token, slot]:
                     continue
                 e = int(plan.top_k_index[token, slot])
-                y = block.experts.expert_forward(e, rows[token:token + 1]).to(torch.bfloat16).float()
+                y = expert_mlp(block.experts, e, rows[token:token + 1]).to(torch.bfloat16).float()
                 expected[token] += plan.top_k_weights[token, slot] * y[0]
         assert torch.allclose(out.reshape(-1, 16), expected, atol=1e-6)
         plain = model.vmoe.encoder.layer[1].mlp.experts

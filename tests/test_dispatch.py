@@ -175,8 +175,7 @@ def test_image_paths_match_reference(case, path):
     index, weights = random_routing(spec["batch"], 4, spec["top_k"], seed=3, only=spec["only"])
     if spec["only"] is None and spec["batch"] > 4:
         assert len(index.unique()) > 1  # really exercises several experts
-    fn = experts.forward_images if path == "grouped" else (
-        lambda h, i, w: experts._forward_images_gathered(h, i, w.to(h.dtype)))
+    fn = experts if path == "grouped" else experts._forward_images_gathered  # whole images (B, S, H), (B, k)
     want = outputs_and_grads(lambda h, w: reference(experts, h, index, w), experts, x, weights)
     got = outputs_and_grads(lambda h, w: fn(h, index, w), experts, x, weights)
     assert_same(got, want)
@@ -188,7 +187,7 @@ def test_image_grouped_and_gathered_paths_agree_exactly_enough():
     x = torch.randn(11, 9, 32)
     index, weights = random_routing(11, 6, 1, seed=5)
     with torch.no_grad():
-        a = experts.forward_images(x, index, weights)
+        a = experts(x, index, weights)
         b = experts._forward_images_gathered(x, index, weights)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
@@ -205,12 +204,12 @@ def test_image_tracing_uses_gather_path_and_matches():
             self.experts = experts
 
         def forward(self, h, i, w):
-            return self.experts.forward_images(h, i, w)
+            return self.experts(h, i, w)
 
     with torch.no_grad():
         traced = torch.jit.trace(Wrapper(), (x, index, weights), check_trace=False)
         index2, weights2 = random_routing(6, 4, 1, seed=8)
-        torch.testing.assert_close(traced(x, index2, weights2), experts.forward_images(x, index2, weights2),
+        torch.testing.assert_close(traced(x, index2, weights2), experts(x, index2, weights2),
                                    atol=1e-6, rtol=1e-6)
 
 

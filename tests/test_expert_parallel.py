@@ -71,7 +71,7 @@ def test_ep_plan_declared_for_token_routing():
 
 
 def test_no_ep_plan_for_image_routing():
-    """Image routing runs `experts.forward_images` on the full stacked weights, which EP does not wrap: sharding them
+    """Image routing runs the experts on whole images with the full stacked weights, which EP does not wrap: sharding them
     would fail inside the forward ("aten.addmm.default got mixed torch.Tensor and DTensor"). Without a plan,
     `ep_size>1` is refused at load by transformers ("... has no `ep_plan`")."""
     assert VMoEForImageClassification(token_config()).ep_plan  # declared for token routing

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import expert_mlp, tiny_config
 from transformers import Trainer, TrainingArguments
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -95,20 +95,13 @@ def test_chosen_experts_backend_is_the_one_called(name, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, backend, spy)
-    original_expert = VMoEExperts.expert_forward
+    eager = VMoEExperts.forward.__wrapped__  # the class's own forward, behind transformers' dispatch
 
-    def eager_spy(self, *args, **kwargs):
+    def eager_spy(*args, **kwargs):
         calls["eager"] += 1
-        return original_expert(self, *args, **kwargs)
+        return eager(*args, **kwargs)
 
-    monkeypatch.setattr(VMoEExperts, "expert_forward", eager_spy)
-    original_per_expert = VMoEExperts.forward_per_expert  # the eager path of expert choice and Soft MoE
-
-    def per_expert_spy(self, *args, **kwargs):
-        calls["eager"] += 1
-        return original_per_expert(self, *args, **kwargs)
-
-    monkeypatch.setattr(VMoEExperts, "forward_per_expert", per_expert_spy)
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "eager", eager_spy)
     results = {}
     for backend in ("eager", "batched_mm", "grouped_mm"):
         model.set_experts_implementation(backend)
@@ -312,7 +305,7 @@ def test_soft_moe_weights_are_convex_and_every_token_is_used():
     ys = []
     for n in range(8):
         e = n // 2
-        ys.append(experts.expert_forward(e, slots[:, n]))
+        ys.append(expert_mlp(experts, e, slots[:, n]))
     y = torch.stack(ys, dim=1)
     torch.testing.assert_close(out, torch.einsum("bsn,bnh->bsh", plan.combine_weights, y), rtol=1e-5, atol=1e-6)
     out.sum().backward()
@@ -541,7 +534,7 @@ def test_soft_moe_bfloat16_dispatch_rounds_tokens_and_slot_outputs():
     x = torch.randn(3, SEQ, 32)
     _, plan = block.router(x)
     slots = torch.einsum("bsn,bsh->bnh", plan.dispatch_weights, x.bfloat16().float())
-    outputs = torch.stack([block.experts.expert_forward(n // 2, slots[:, n]) for n in range(8)], dim=1)
+    outputs = torch.stack([expert_mlp(block.experts, n // 2, slots[:, n]) for n in range(8)], dim=1)
     expected = torch.einsum("bsn,bnh->bsh", plan.combine_weights, outputs.bfloat16().float())
     got = block(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -6,15 +6,15 @@ Qwen2-MoE:
 
     VMoEEmbeddings -> VMoEEncoder: [VMoELayer] x N -> LayerNorm -> head
     VMoELayer          = attention + (VMoEMLP | VMoESparseMoeBlock), pre-norm residuals, optional layer scale
-    VMoESparseMoeBlock = router -> routing plan -> VMoEExperts (stacked (E, out, in) tensors) + shared expert
+    VMoESparseMoeBlock = router -> routing plan -> plan.apply(VMoEExperts) + shared expert
 
 The routing contract (after google-research/vmoe, where every router returns a dispatcher): a router
 (`VMoERouter` subclass, chosen by `config.router_type`) reads the hidden states and returns
-`(router_logits, plan)`. A plan (`VMoERouting` subclass) says which rows each expert computes
-(`dispatch` -> rows, top_k_index, top_k_weights, the experts interface's inputs) and how their outputs come back
-(`combine`); the MoE block applies any plan without knowing which router made it. `vmoe_routing_loss` turns the
-plans of one forward into the aux loss and the routing statistics. Plans and router logits are recorded by
-transformers' output capture (`_can_record_outputs`), so layers return hidden states only.
+`(router_logits, plan)`. A plan (`VMoERouting` subclass) applies itself: `apply(experts, hidden_states)` sends the
+tokens (or slots) to the experts (`VMoEExperts`, stacked (E, out, in) tensors behind transformers' experts
+interface) and brings their outputs back, so the MoE block runs any plan without knowing which router made it.
+`vmoe_routing_loss` turns the plans of one forward into the aux loss and the routing statistics. Plans and router
+logits are recorded by transformers' output capture (`_can_record_outputs`), so layers return hidden states only.
 """
 
 import math
@@ -28,7 +28,11 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
-from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    grouped_mm_experts_forward,
+    use_experts_implementation,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -313,43 +317,27 @@ def _is_exporting() -> bool:
         return False
 
 
-class VMoERouting:
-    """A routing plan over the tokens of a batch `(B, S, H)`, made by a router, applied by `VMoESparseMoeBlock`.
+GROUPED_BACKENDS = ("eager", "vmoe_cpu", None)  # experts backends that take groups of rows (None: standalone)
 
-    `dispatch` gives the experts interface its inputs: rows `(R, H)` and their `(R, k)` expert assignments and
-    weights; `combine` brings the `(R, H)` expert outputs back to `(B, S, H)`. Subclasses set `logits` (float32,
-    before noise, for the losses). A plan computes its own auxiliary loss (`aux_loss`); `seq_len` is set by plans
-    that route whole images of `seq_len` tokens (their router can learn super-classes)."""
+
+class VMoERouting:
+    """A router's decision for one call of an MoE block over hidden states `(B, S, H)`, made by a router and run by
+    `VMoESparseMoeBlock`: `apply` sends the tokens (or slots) to their experts through the experts interface and
+    brings the outputs back as `(B, S, H)`. A plan also computes its router call's own auxiliary loss (`aux_loss`)
+    and statistics. Subclasses set `logits` (float32, before noise, for the losses); `seq_len` is set by plans that
+    route whole images of `seq_len` tokens (their router can learn super-classes)."""
 
     logits: torch.Tensor
     seq_len: int | None = None
 
+    def apply(self, experts: "VMoEExperts", hidden_states: torch.Tensor,
+              dispatch_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The routed experts' output `(B, S, H)`. `dispatch_dtype`: V-MoE's bfloat16 dispatcher (`rounded_experts`)."""
+        raise NotImplementedError
+
     def aux_loss(self, config: VMoEConfig) -> torch.Tensor:
         """This router call's auxiliary losses, weighted by the config's coefficients (float32 scalar); none here."""
         return self.logits.new_zeros(())
-
-    def dispatch(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def combine(self, expert_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply(self, experts: "VMoEExperts", hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.combine(experts(*self.dispatch(hidden_states)), hidden_states)
-
-    def apply_rounded(self, experts: "VMoEExperts", hidden_states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`apply` with V-MoE's bfloat16 dispatcher (`expert_dispatch_dtype`): every expert's input and output is
-        rounded through `dtype`, the weighted sum over an item's experts is taken in float32."""
-        rows, index, weights = self.dispatch(hidden_states)  # (R, H), (R, k), (R, k)
-        num_rows, top_k = index.shape
-        rows = rows.to(dtype).to(rows.dtype)
-        if top_k > 1:
-            rows = rows.repeat_interleave(top_k, dim=0)  # (R * k, H): one row per assignment
-        ones = torch.ones(num_rows * top_k, 1, dtype=rows.dtype, device=rows.device)
-        out = experts(rows, index.reshape(-1, 1), ones)  # (R * k, H): each assignment's unweighted output
-        out = out.to(dtype).float().view(num_rows, top_k, -1)  # (R, k, H)
-        out = (out * weights.float().unsqueeze(-1)).sum(dim=1)  # (R, H), float32
-        return self.combine(out.to(hidden_states.dtype), hidden_states)
 
     def expert_counts(self, num_experts: int) -> torch.Tensor:
         """(E,) number of rows each expert computes."""
@@ -358,6 +346,21 @@ class VMoERouting:
     def assignment_mass(self, num_experts: int) -> torch.Tensor:
         """(N, E) how much of each routed item (image or token) goes to each expert, for routing analysis."""
         raise NotImplementedError
+
+
+def rounded_experts(experts: "VMoEExperts", rows: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The experts interface as V-MoE's bfloat16 dispatcher computes it (`expert_dispatch_dtype`): every expert's
+    input and output is rounded through `dtype`, the weighted sum over a row's experts is taken in float32.
+    rows (R, H); top_k_index / top_k_weights (R, k) -> (R, H)."""
+    num_rows, top_k = top_k_index.shape
+    rounded = rows.to(dtype).to(rows.dtype)
+    if top_k > 1:
+        rounded = rounded.repeat_interleave(top_k, dim=0)  # (R * k, H): one row per assignment
+    ones = torch.ones(num_rows * top_k, 1, dtype=rows.dtype, device=rows.device)
+    out = experts(rounded, top_k_index.reshape(-1, 1), ones)  # (R * k, H): each assignment's unweighted output
+    out = out.to(dtype).float().view(num_rows, top_k, -1)  # (R, k, H)
+    return (out * top_k_weights.float().unsqueeze(-1)).sum(dim=1).to(rows.dtype)  # (R, H)
 
 
 @dataclass
@@ -376,30 +379,29 @@ class TopKRouting(VMoERouting):
     seq_len: int | None = None
     noisy_logits: torch.Tensor | None = None
 
-    def __post_init__(self):
-        # tokens with at least one kept assignment: the only rows the experts compute
-        self.rows = None if self.keep is None or self.seq_len is not None else self.keep.any(dim=1).nonzero().squeeze(1)
-
-    def apply(self, experts, hidden_states):
-        if self.seq_len is not None:  # image routing
-            return experts.forward_images(hidden_states, self.top_k_index, self.top_k_weights)
-        return super().apply(experts, hidden_states)
-
-    def dispatch(self, hidden_states):
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * S, H)
-        if self.keep is None:
-            return flat, self.top_k_index, self.top_k_weights
-        # only tokens with a kept assignment reach the experts (the residual carries the others); a dropped second
-        # choice of a kept token points at its first kept expert with weight zero
-        first_kept = self.top_k_index.gather(1, self.keep.int().argmax(dim=1, keepdim=True))
-        index = torch.where(self.keep, self.top_k_index, first_kept)
-        return flat[self.rows], index[self.rows], self.top_k_weights[self.rows]
-
-    def combine(self, expert_output, hidden_states):
-        if self.keep is None:
-            return expert_output.view(hidden_states.shape)
-        out = expert_output.new_zeros(hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1])
-        return out.index_copy(0, self.rows, expert_output).view(hidden_states.shape)
+    def apply(self, experts, hidden_states, dispatch_dtype=None):
+        index, weights = self.top_k_index, self.top_k_weights
+        if self.seq_len is not None and dispatch_dtype is None and experts.config._experts_implementation in (
+                GROUPED_BACKENDS):
+            return experts(hidden_states, index, weights)  # whole images: (B, S, H) with one (k,) row per image
+        shape = hidden_states.shape
+        rows = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
+        kept = None
+        if self.seq_len is not None:  # every token of an image goes to the image's experts (capacity: weight zero)
+            index, weights = index.repeat_interleave(shape[1], dim=0), weights.repeat_interleave(shape[1], dim=0)
+        elif self.keep is not None:
+            # only tokens with a kept assignment reach the experts (the residual carries the others); a dropped
+            # second choice of a kept token points at its first kept expert with weight zero
+            kept = self.keep.any(dim=1).nonzero().squeeze(1)
+            first_kept = index.gather(1, self.keep.int().argmax(dim=1, keepdim=True))
+            rows, index, weights = rows[kept], torch.where(self.keep, index, first_kept)[kept], weights[kept]
+        if dispatch_dtype is None:
+            out = experts(rows, index, weights)
+        else:
+            out = rounded_experts(experts, rows, index, weights, dispatch_dtype)
+        if kept is not None:
+            out = out.new_zeros(shape.numel() // shape[-1], shape[-1]).index_copy(0, kept, out)
+        return out.view(shape)
 
     def aux_loss(self, config):
         """The z-loss, and the balancing losses per routing group (mean over groups): switch (E * sum_e f_e * P_e,
@@ -435,14 +437,15 @@ class TopKRouting(VMoERouting):
 
 
 class OneImageRouting(TopKRouting):
-    """Top-k image routing of one image, decided on the host: CPU inference at batch 1, where the plan is k numbers
-    and each small tensor op it saves (softmax, top-k, reading the ids back) measured 25-45 us right after a forward
-    pass (1-2 us in a tight loop). `experts` / `weights`: the k expert ids and combine weights as Python numbers;
-    `top_k_index` / `top_k_weights` are made from them only if something reads them (statistics, other backends)."""
+    """Top-k image routing of one image, decided on the host (`VMoETopKRouter.route_one_image`): CPU inference at
+    batch 1, where the plan is k numbers and each small tensor op it saves (softmax, top-k, reading the ids back)
+    measured 25-45 us right after a forward pass (1-2 us in a tight loop). `experts` / `weights`: the k expert ids
+    and combine weights as Python numbers, handed to the `vmoe_cpu` experts implementation as they are;
+    `top_k_index` / `top_k_weights` are made from them only if something else reads them."""
 
     def __init__(self, logits: torch.Tensor, experts: list[int], weights: list[float], seq_len: int):
         self.logits, self.experts, self.weights, self.seq_len = logits, experts, weights, seq_len
-        self.keep = self.noisy_logits = self.rows = None
+        self.keep = self.noisy_logits = None
 
     @cached_property
     def top_k_index(self) -> torch.Tensor:
@@ -452,10 +455,11 @@ class OneImageRouting(TopKRouting):
     def top_k_weights(self) -> torch.Tensor:
         return torch.tensor([self.weights], dtype=self.logits.dtype, device=self.logits.device)
 
-    def apply(self, experts, hidden_states):
-        if experts.implementation != "eager" or torch.is_grad_enabled():
-            return super().apply(experts, hidden_states)
-        return experts.infer_one_image(hidden_states, self.experts, self.weights)
+    def apply(self, experts, hidden_states, dispatch_dtype=None):
+        if dispatch_dtype is None and experts.config._experts_implementation == "vmoe_cpu" and (
+                not torch.is_grad_enabled()):
+            return experts.infer_one_image(hidden_states, self.experts, self.weights)
+        return super().apply(experts, hidden_states, dispatch_dtype)
 
 
 def host_top_k(scores: list[float], top_k: int, normalize: bool, probs: list[float] | None = None
@@ -482,31 +486,32 @@ def host_top_k(scores: list[float], top_k: int, normalize: bool, probs: list[flo
 class ExpertChoiceRouting(VMoERouting):
     """Expert-choice routing: each expert took its top-C tokens of each routing group.
 
-    logits: (N, E) for the N = B * S tokens; token_index: (R,) the token of each row, R = E * groups * C;
-    expert_index / weights: (R, 1) the row's expert and combine weight (its softmax gate)."""
+    logits: (N, E) for the N = B * S tokens; token_index: (R,) the token of each row, R = E * groups * C, expert-major
+    (the rows of expert 0, then of expert 1, ...); expert_index / weights: (R, 1) the row's expert and combine weight
+    (its softmax gate)."""
 
     logits: torch.Tensor
     token_index: torch.Tensor
     expert_index: torch.Tensor
     weights: torch.Tensor
 
+    def apply(self, experts, hidden_states, dispatch_dtype=None):
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * S, H)
+        rows = tokens.index_select(0, self.token_index)  # (R, H), expert-major
+        if dispatch_dtype is not None:
+            out = rounded_experts(experts, rows, self.expert_index, self.weights, dispatch_dtype)
+        elif experts.config._experts_implementation in GROUPED_BACKENDS:  # each expert's rows as one group
+            num_experts = experts.num_experts
+            expert_ids = torch.arange(num_experts, device=rows.device).unsqueeze(1)  # (E, 1)
+            ones = torch.ones(expert_ids.shape, dtype=rows.dtype, device=rows.device)
+            out = experts(rows.view(num_experts, -1, rows.shape[-1]), expert_ids, ones).view(rows.shape)
+            out = out * self.weights.to(out.dtype)
+        else:
+            out = experts(rows, self.expert_index, self.weights)
+        return torch.zeros_like(tokens).index_add(0, self.token_index, out).view(hidden_states.shape)
+
     def aux_loss(self, config):
         return z_loss(self.logits, config)  # balanced by construction: no balancing loss
-
-    def apply(self, experts, hidden_states):
-        if experts.implementation != "eager":
-            return super().apply(experts, hidden_states)
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, self.token_index)  # expert-major
-        out = experts.forward_per_expert(rows.view(experts.num_experts, -1, rows.shape[-1])).view(rows.shape)
-        return self.combine(out * self.weights.to(out.dtype), hidden_states)
-
-    def dispatch(self, hidden_states):
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        return flat.index_select(0, self.token_index), self.expert_index, self.weights
-
-    def combine(self, expert_output, hidden_states):
-        out = expert_output.new_zeros(hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1])
-        return out.index_add(0, self.token_index, expert_output).view(hidden_states.shape)
 
     def expert_counts(self, num_experts):
         return torch.bincount(self.expert_index.view(-1), minlength=num_experts)
@@ -521,48 +526,37 @@ class ExpertChoiceRouting(VMoERouting):
 class SoftRouting(VMoERouting):
     """Soft MoE: each of the E x P slots of an image is a softmax-weighted mix of its tokens (`dispatch_weights`,
     softmax over tokens), every token a softmax-weighted mix of the slot outputs (`combine_weights`, softmax over
-    slots). logits / dispatch_weights / combine_weights: (B, S, E * P)."""
+    slots). logits / dispatch_weights / combine_weights: (B, S, E * P).
+
+    The slots reach the experts expert-major (all slots of expert 0 over the batch, then of expert 1, ...), so the
+    `eager` experts run one batched matmul per projection. With V-MoE's bfloat16 dispatcher (vmoe's Soft MoE:
+    `Bfloat16Dispatcher` around an einsum dispatcher) the tokens are rounded through `dispatch_dtype` before they
+    are mixed into slots, the slot outputs before they are mixed back; the mixing itself is then float32."""
 
     logits: torch.Tensor
     dispatch_weights: torch.Tensor
     combine_weights: torch.Tensor
     num_slots: int
 
-    def apply(self, experts, hidden_states):
-        if experts.implementation != "eager":
-            return super().apply(experts, hidden_states)
+    def apply(self, experts, hidden_states, dispatch_dtype=None):
         batch, _, hidden = hidden_states.shape
-        slots = torch.einsum("bsn,bsh->nbh", self.dispatch_weights.to(hidden_states.dtype), hidden_states)
-        out = experts.forward_per_expert(slots.reshape(experts.num_experts, -1, hidden))  # (E, P * B, H)
-        out = out.view(-1, batch, hidden).transpose(0, 1)  # (B, E * P, H)
-        return torch.einsum("bsn,bnh->bsh", self.combine_weights.to(out.dtype), out)
-
-    def dispatch(self, hidden_states):
-        batch, _, hidden = hidden_states.shape
-        num_slots_total = self.dispatch_weights.shape[-1]
-        slots = torch.einsum("bsn,bsh->bnh", self.dispatch_weights.to(hidden_states.dtype), hidden_states)
-        expert_of_slot = torch.arange(num_slots_total, device=hidden_states.device) // self.num_slots
-        index = expert_of_slot.repeat(batch).unsqueeze(1)  # (B * E * P, 1)
-        weights = torch.ones(index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        return slots.reshape(-1, hidden), index, weights
-
-    def combine(self, expert_output, hidden_states):
-        batch, _, hidden = hidden_states.shape
-        slots = expert_output.view(batch, -1, hidden)  # (B, E * P, H)
-        return torch.einsum("bsn,bnh->bsh", self.combine_weights.to(slots.dtype), slots)
-
-    def apply_rounded(self, experts, hidden_states, dtype):
-        """vmoe's Soft MoE dispatcher (`Bfloat16Dispatcher` around an einsum dispatcher): the tokens are rounded
-        through `dtype` before they are mixed into slots, the slot outputs before they are mixed back; the mixing
-        itself is float32."""
-        rounded = hidden_states.to(dtype).float()
-        slots = torch.einsum("bsn,bsh->bnh", self.dispatch_weights.float(), rounded)  # (B, E * P, H)
-        batch, num_slots_total, hidden = slots.shape
-        index = (torch.arange(num_slots_total, device=slots.device) // self.num_slots).repeat(batch).unsqueeze(1)
-        ones = torch.ones(index.shape, dtype=hidden_states.dtype, device=slots.device)
-        out = experts(slots.reshape(-1, hidden).to(hidden_states.dtype), index, ones)  # (B * E * P, H)
-        out = out.to(dtype).float().view(batch, num_slots_total, -1)
-        return torch.einsum("bsn,bnh->bsh", self.combine_weights.float(), out).to(hidden_states.dtype)
+        tokens, dispatch, combine = hidden_states, self.dispatch_weights, self.combine_weights
+        if dispatch_dtype is None:
+            dispatch, combine = dispatch.to(tokens.dtype), combine.to(tokens.dtype)
+        else:
+            tokens, dispatch, combine = tokens.to(dispatch_dtype).float(), dispatch.float(), combine.float()
+        slots = torch.einsum("bsn,bsh->nbh", dispatch, tokens)  # (E * P, B, H): slot-major, so expert-major
+        num_slots_total, num_experts = slots.shape[0], experts.num_experts
+        rows = slots.to(hidden_states.dtype).reshape(num_experts, -1, hidden)  # (E, P * B, H): each expert's slots
+        expert_ids = torch.arange(num_experts, device=slots.device).unsqueeze(1)  # (E, 1)
+        if experts.config._experts_implementation not in GROUPED_BACKENDS:  # one row per slot
+            rows, expert_ids = rows.reshape(-1, hidden), expert_ids.repeat_interleave(rows.shape[1], dim=0)
+        ones = torch.ones(expert_ids.shape, dtype=hidden_states.dtype, device=slots.device)
+        out = experts(rows, expert_ids, ones)
+        if dispatch_dtype is not None:
+            out = out.to(dispatch_dtype).float()
+        out = out.view(num_slots_total, batch, hidden)
+        return torch.einsum("bsn,nbh->bsh", combine, out).to(hidden_states.dtype)
 
     def expert_counts(self, num_experts):
         batch = self.logits.shape[0]
@@ -697,9 +691,13 @@ class VMoERouter(nn.Module):
         return config.num_experts_per_tok * tokens_per_image
 
     @classmethod
-    def token_flops(cls, config: VMoEConfig, tokens_per_image: int) -> dict[str, int]:
-        """FLOPs per image and MoE block of the router of a token-routing block, by `flop_breakdown` component."""
-        return {"router": 2 * tokens_per_image * config.hidden_size * config.num_experts}
+    def router_flops(cls, config: VMoEConfig, tokens_per_image: int) -> dict[str, int]:
+        """FLOPs per image of one router call, by `flop_breakdown` component: the logits of every token, or of one
+        vector per image (image routing; the mean of the patch tokens is a matmul over the tokens)."""
+        h, e = config.hidden_size, config.num_experts
+        if config.routing_level == "image":
+            return {"router": 2 * h * e + (2 * tokens_per_image * h if config.router_input == "mean" else 0)}
+        return {"router": 2 * tokens_per_image * h * e}
 
     @classmethod
     def active_experts(cls, config: VMoEConfig) -> int:
@@ -736,31 +734,29 @@ class VMoETopKRouter(VMoERouter):
             items = hidden_states[:, 0] if self.config.router_input == "cls" else self.mean_patch_token(hidden_states)
         else:  # (B * S, H)
             items = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits = self.compute_logits(items)  # (N, E)
+        with torch.autocast(items.device.type, enabled=False):  # float32 logits, also under autocast
+            logits = F.linear(items.float(), self.weight.float())  # (N, E)
         seq_len = hidden_states.shape[1] if self.image_level else None
-        if not self.training and self.config.eval_capacity_factor is None:  # inference: no noise, forcing, capacity
-            # static shapes first: testing the batch size under export would specialise the batch dimension
-            if not (_static_shapes() or torch.is_grad_enabled()) and self.image_level and logits.shape[0] == 1 and (
-                    logits.device.type == "cpu"):
-                if self.e_score_correction_bias is None:
-                    plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
-                else:  # rank the float32 scores `select` ranks, weight by the unbiased probabilities
-                    probs = logits.softmax(dim=-1)
-                    scores = (probs + self.e_score_correction_bias).tolist()[0]
-                    plan = host_top_k(scores, self.top_k, self.config.normalize_router_weights, probs.tolist()[0])
-                if plan is not None:
-                    return logits, OneImageRouting(logits, *plan, seq_len)
-            top_k_weights, top_k_index = self.select(logits.softmax(dim=-1))  # (N, k)
-            return logits, TopKRouting(logits, top_k_index, self.normalize(top_k_weights), seq_len=seq_len)
-        noisy = self.add_noise(logits)
+        # static shapes first: testing the batch size under export would specialise the batch dimension
+        if self.image_level and not (_static_shapes() or torch.is_grad_enabled()) and logits.shape[0] == 1:
+            plan = self.route_one_image(logits, seq_len)
+            if plan is not None:
+                return logits, plan
+        noise_std = self.config.router_noise_std if self.training else 0.0
+        noisy = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
         probs = noisy.softmax(dim=-1)
-        forced = self.forced_experts(logits, superclass_labels)
-        if forced is None:
-            top_k_weights, top_k_index = self.select(probs)  # (N, k)
-        else:
-            top_k_index, top_k_weights = forced, probs.gather(1, forced)
-        top_k_weights = self.normalize(top_k_weights)
-        keep = self.capacity_mask(top_k_index, top_k_weights)
+        if self.training and self.config.train_routing == "superclass" and superclass_labels is not None:
+            top_k_index = self.superclass_experts(logits, superclass_labels)
+            top_k_weights = probs.gather(1, top_k_index)
+        elif self.e_score_correction_bias is None:
+            top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        else:  # loss-free balancing: the bias chooses the experts, the unbiased probabilities weight them
+            top_k_index = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1).indices
+            top_k_weights = probs.gather(1, top_k_index)
+        if self.config.normalize_router_weights:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        keep = None if factor is None else self.capacity_mask(top_k_index, top_k_weights, factor)
         if keep is not None:
             top_k_weights = top_k_weights * keep
         return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
@@ -770,20 +766,26 @@ class VMoETopKRouter(VMoERouter):
     def groups_matter(cls, config, record):
         return config.eval_capacity_factor is not None or record  # dropless top-k without losses: per item
 
+    def route_one_image(self, logits: torch.Tensor, seq_len: int) -> OneImageRouting | None:
+        """CPU inference of one image: the top-k of its (1, E) logits taken on the host (`OneImageRouting`); None
+        elsewhere, and at a tie that torch.topk must break."""
+        # static shapes first: testing the batch size under export would specialise the batch dimension
+        if _static_shapes() or torch.is_grad_enabled() or logits.shape[0] != 1 or logits.device.type != "cpu":
+            return None
+        if self.e_score_correction_bias is None:
+            plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
+        else:  # rank the float32 scores `select` ranks, weight by the unbiased probabilities
+            probs = logits.softmax(dim=-1)
+            scores = (probs + self.e_score_correction_bias).tolist()[0]
+            plan = host_top_k(scores, self.top_k, self.config.normalize_router_weights, probs.tolist()[0])
+        return None if plan is None else OneImageRouting(logits, *plan, seq_len)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         bias = self.e_score_correction_bias
         if bias is not None and bias.dtype != torch.float32:  # model.to(bfloat16): steps of 1e-3 would round away
             self.e_score_correction_bias = bias.float()
         return self
-
-    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, E) probabilities -> the k chosen experts' probabilities and ids (N, k); with loss-free balancing the
-        experts are chosen by probability + bias, and the weights are still the unbiased probabilities."""
-        if self.e_score_correction_bias is None:
-            return torch.topk(probs, self.top_k, dim=-1)
-        top_k_index = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1).indices
-        return probs.gather(1, top_k_index), top_k_index
 
     def record_load(self, counts: torch.Tensor) -> None:
         """Add one training forward's expert counts (E,) to the load that the next bias update balances."""
@@ -795,12 +797,6 @@ class VMoETopKRouter(VMoERouter):
                 "router_bias_update_rate=%s but the router bias was not updated in 1000 training forwards: call "
                 "hf_vmoe.update_router_biases(model) after each optimizer step (RouterBiasUpdateCallback does it "
                 "in the Trainer)", self.config.router_bias_update_rate)
-
-    def normalize(self, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The combine weights, renormalised to sum to one with `normalize_router_weights` (k > 1 only changes)."""
-        if self.config.normalize_router_weights:
-            return top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return top_k_weights
 
     def mean_patch_token(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, S, H) -> (B, H), the mean of the patch tokens, as a product with averaging weights (S,) kept per
@@ -819,11 +815,9 @@ class VMoETopKRouter(VMoERouter):
             self._mean_weights = weights
         return torch.matmul(weights, hidden_states)
 
-    def forced_experts(self, logits: torch.Tensor, superclass_labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Super-class forcing in training: slot 0 is the label's super-class, the other slots the router's best
-        other experts. None when the router decides."""
-        if not (self.training and self.config.train_routing == "superclass" and superclass_labels is not None):
-            return None
+    def superclass_experts(self, logits: torch.Tensor, superclass_labels: torch.Tensor) -> torch.Tensor:
+        """Super-class forcing in training (N, k): slot 0 is the label's super-class, the other slots the router's
+        best other experts."""
         forced = superclass_labels.view(-1, 1)
         if self.top_k > 1:
             with torch.no_grad():
@@ -831,12 +825,12 @@ class VMoETopKRouter(VMoERouter):
             forced = torch.cat([forced, others], dim=1)
         return forced
 
-    def capacity_mask(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor | None:
-        factor = self.capacity_factor()
-        if factor is None:
-            return None
+    def capacity_mask(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, factor: float
+                      ) -> torch.Tensor | None:
+        """(N, k) bool, False where an assignment does not fit its expert's buffer of its routing group (capacity
+        `factor`); None when nothing is dropped."""
         num_items = top_k_index.shape[0]
-        groups = self.groups(num_items)
+        groups = routing_groups(num_items, self.config)
         keeps, any_drop = [], False
         for index, weights in zip(group_parts(top_k_index, groups), group_parts(top_k_weights, groups)):
             count, size, _ = index.shape  # (g, n, k): g groups of n items (a last partial group: its own capacity)
@@ -931,7 +925,7 @@ class VMoESoftRouter(VMoERouter):
         return config.num_experts * config.num_slots  # one row per slot
 
     @classmethod
-    def token_flops(cls, config, tokens_per_image):
+    def router_flops(cls, config, tokens_per_image):
         slots = config.num_experts * config.num_slots
         return {"router": 2 * tokens_per_image * config.hidden_size * slots,  # the (t x H) by (H x E * P) logits
                 "soft_dispatch_combine": 2 * 2 * tokens_per_image * slots * config.hidden_size}
@@ -1080,7 +1074,12 @@ def vmoe_routing_loss(
 @use_experts_implementation(has_gate=False, has_bias=True)
 class VMoEExperts(nn.Module):
     """Collection of E GELU MLP experts stored as stacked tensors (E, out, in), run through transformers' experts
-    interface (`eager` = the loop below, `batched_mm`, `grouped_mm`)."""
+    interface: `eager` (the loop below), `vmoe_cpu` (the default of image routing on CPU: `eager` plus the batch-1
+    image fast path, `vmoe_cpu_experts_forward`), transformers' `batched_mm` and `grouped_mm`.
+
+    The inputs are rows `(R, H)` with their assignments `(R, k)`, or, for `eager` and `vmoe_cpu`
+    (`GROUPED_BACKENDS`), groups of rows that share their assignments, `(G, n, H)` with `(G, k)`: whole images
+    (image routing) or each expert's rows (expert choice, Soft MoE)."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
@@ -1094,110 +1093,79 @@ class VMoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self._views, self._views_key = None, None  # `inference_views`
 
-    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor, params: tuple | None = None) -> torch.Tensor:
-        """One expert's MLP. `params` (from `per_expert_params`) are the stacks unbound per expert, so a loop over
-        experts builds one gradient buffer per parameter in backward, not one full (E, ...) buffer per expert."""
-        if params is None:
-            params = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
-        up, up_bias, down, down_bias = (p[expert_idx] for p in params)
-        return F.linear(self.act_fn(F.linear(hidden_states, up, up_bias)), down, down_bias)
-
-    def per_expert_params(self) -> tuple:
-        return tuple(p.unbind(0) for p in (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias))
-
-    @property
-    def implementation(self) -> str:
-        """The experts backend in use (`config._experts_implementation`; a standalone module runs eager)."""
-        return getattr(self.config, "_experts_implementation", None) or "eager"
-
-    def forward_per_expert(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows, the same number for each: (E, n, H) -> (E, n, H), one batched matmul per
-        projection (the `eager` path of plans that give every expert equal work: expert choice, Soft MoE)."""
-        h = torch.baddbmm(self.up_proj_bias.unsqueeze(1), hidden_states, self.up_proj.transpose(1, 2))
-        return torch.baddbmm(self.down_proj_bias.unsqueeze(1), self.act_fn(h), self.down_proj.transpose(1, 2))
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """The `eager` backend. hidden_states (R, H); top_k_index / top_k_weights (R, k).
+        """The `eager` backend. hidden_states (R, H) and top_k_index / top_k_weights (R, k); or groups of rows
+        (G, n, H) with (G, k).
 
         Assignments are sorted by expert once; each expert runs one matmul pair on exactly its rows and adds its
         weighted output in ascending expert order (a fixed sum order). One host sync (the per-expert counts). When
-        one expert takes every row, it runs on the input as is. Under torch.compile (no data-dependent loops) this
-        hands over to transformers' `grouped_mm` path, which computes the same."""
+        one expert takes every row, it runs on the input as is; rows already grouped by expert in equal numbers
+        (expert choice, Soft MoE) run as one batched matmul per projection. Groups under tracing / torch.compile /
+        torch.export (static shapes) gather each group's expert weights instead; token rows under torch.compile
+        (no data-dependent loops) go to transformers' `grouped_mm` path, which computes the same."""
+        shape = hidden_states.shape
+        if hidden_states.ndim == 3:  # groups: one row per token, with its group's assignments
+            if _static_shapes():  # before any test of the batch size, which would specialise an exported batch dim
+                return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights)
+            hidden_states = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
+            top_k_index = top_k_index.repeat_interleave(shape[1], dim=0)  # (B * S, k)
+            top_k_weights = top_k_weights.repeat_interleave(shape[1], dim=0)
         if torch.compiler.is_compiling() and not _is_exporting():
-            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights).view(shape)
         num_rows, top_k = top_k_index.shape
         if num_rows == 0:
-            return torch.zeros_like(hidden_states)
+            return torch.zeros(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        weights = top_k_weights.to(hidden_states.dtype)
         with torch.no_grad():
             flat_index = top_k_index.reshape(-1)  # (R * k,)
-            order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, row order inside
             # the one host sync; under expert parallelism, ids >= num_experts (other ranks' experts) sort last
             counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()[: self.num_experts]
-            row_of = order // top_k
         if top_k == 1 and max(counts) == num_rows:  # one expert for every row: no gather, no scatter
-            return self.expert_forward(counts.index(num_rows), hidden_states) * top_k_weights.to(hidden_states.dtype)
-        sorted_weights = top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)  # (R * k, 1)
+            expert_idx = counts.index(num_rows)
+            hidden = self.act_fn(F.linear(hidden_states, self.up_proj[expert_idx], self.up_proj_bias[expert_idx]))
+            out = F.linear(hidden, self.down_proj[expert_idx], self.down_proj_bias[expert_idx]) * weights
+            return out.view(shape)
+        grouped = top_k == 1 and min(counts) * self.num_experts == num_rows  # equal counts; in expert order?
+        if grouped and bool((flat_index[1:] >= flat_index[:-1]).all()):
+            rows = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])  # (E, R / E, H)
+            hidden = self.act_fn(torch.baddbmm(self.up_proj_bias.unsqueeze(1), rows, self.up_proj.transpose(1, 2)))
+            out = torch.baddbmm(self.down_proj_bias.unsqueeze(1), hidden, self.down_proj.transpose(1, 2))
+            return (out.view(hidden_states.shape) * weights).view(shape)
+        with torch.no_grad():
+            order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, row order inside
+            row_of = order // top_k
+        sorted_weights = weights.reshape(-1)[order, None]  # (R * k, 1)
         # k = 1 with every row local: each row gets exactly one assignment, so rows are written, not accumulated
         written = top_k == 1 and sum(counts) == num_rows
         out = hidden_states.new_empty(hidden_states.shape) if written else torch.zeros_like(hidden_states)
-        params = self.per_expert_params()
+        # the stacks unbound once: a loop over experts then builds one gradient buffer per parameter in backward,
+        # not one full (E, ...) buffer per expert
+        up, up_bias = self.up_proj.unbind(0), self.up_proj_bias.unbind(0)
+        down, down_bias = self.down_proj.unbind(0), self.down_proj_bias.unbind(0)
         start = 0
         for expert_idx, count in enumerate(counts):
             if not count:
                 continue
             end = start + count
             rows = row_of[start:end]
-            current = self.expert_forward(expert_idx, hidden_states.index_select(0, rows), params)
-            current = current * sorted_weights[start:end]
+            hidden = self.act_fn(F.linear(hidden_states.index_select(0, rows), up[expert_idx], up_bias[expert_idx]))
+            current = F.linear(hidden, down[expert_idx], down_bias[expert_idx]) * sorted_weights[start:end]
             if written:
                 out.index_copy_(0, rows, current)
             else:
                 out.index_add_(0, rows, current)
             start = end
-        return out
-
-    def forward_images(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Image routing: hidden_states (B, S, H); top_k_index / top_k_weights (B, k), every token of an image goes
-        to the image's experts. Through the experts interface, one row per token; with the `eager` backend under
-        tracing / torch.compile / torch.export (static shapes) each image gathers its experts' weights instead."""
-        batch_size, seq_len, hidden_dim = hidden_states.shape
-        if self.implementation == "eager":
-            if _static_shapes():  # before any test of the batch size, which would specialise an exported batch dim
-                return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
-            if batch_size == 1:
-                return self._forward_one_image(hidden_states, top_k_index, top_k_weights)
-        rows = hidden_states.reshape(-1, hidden_dim)  # (B * S, H)
-        index = top_k_index.repeat_interleave(seq_len, dim=0)  # (B * S, k)
-        weights = top_k_weights.repeat_interleave(seq_len, dim=0)
-        return self(rows, index, weights).view(batch_size, seq_len, hidden_dim)
-
-    def _forward_one_image(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """One image (the on-device workload): its experts run on its tokens as they are, no sort, gather or scatter.
-        On CPU the expert ids are read on the host (there is no device to wait for) and the experts' weights are
-        used in place; on an accelerator the image gathers its experts' weights instead, so nothing waits for the
-        device. Outputs are summed in ascending expert order, as in `forward`."""
-        if hidden_states.device.type != "cpu":
-            return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
-        experts = top_k_index.tolist()[0]  # (k,) on the host
-        if not torch.is_grad_enabled():
-            return self.infer_one_image(hidden_states, experts, top_k_weights.tolist()[0])
-        # the weights carry the router's gradient when it trains; otherwise plain numbers (the same float32 values)
-        grad = top_k_weights.requires_grad
-        weights = top_k_weights[0].to(hidden_states.dtype).unbind(0) if grad else top_k_weights.tolist()[0]
-        out = None
-        for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
-            current = self.expert_forward(expert_idx, hidden_states)  # (1, S, H)
-            current = current * weights[slot] if grad else current.mul_(weights[slot])
-            out = current if out is None else out + current
-        return out
+        return out.view(shape)
 
     def infer_one_image(self, hidden_states: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
-        """`_forward_one_image` without gradients: two `addmm` per expert on its cached weight views, the combine
-        weight folded into the second (w * bias + w * (h @ down^T))."""
+        """One image (1, S, H) through its experts at inference, on a CPU: two `addmm` per expert on its cached
+        weight views, the combine weight folded into the second (w * bias + w * (h @ down^T)); no sort, gather or
+        scatter. `experts` / `weights`: the image's k expert ids and combine weights as Python numbers. Outputs are
+        summed in ascending expert order, as in `forward`."""
         rows = hidden_states.reshape(-1, self.hidden_dim)  # (S, H)
         views = self.inference_views()
         out = None
-        for expert_idx, slot in sorted((e, s) for s, e in enumerate(experts)):
+        for expert_idx, slot in sorted(zip(experts, range(len(experts)))):
             up_t, up_bias, down_t, down_bias = views[expert_idx]  # (H, I), (I,), (I, H), (H,)
             weight = weights[slot]
             current = torch.addmm(down_bias, self.act_fn(torch.addmm(up_bias, rows, up_t)), down_t,
@@ -1221,8 +1189,10 @@ class VMoEExperts(nn.Module):
         self._views, self._views_key = None, None  # views of the old storage would keep it alive
         return super()._apply(fn, recurse)
 
-    def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor):
-        """Static-shape image routing: one `baddbmm` pair per slot on each image's gathered expert weights."""
+    def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Static shapes: one `baddbmm` pair per slot on each group's gathered expert weights (G, n, H) -> (G, n, H)."""
+        weights = top_k_weights.to(hidden_states.dtype)
         out = None
         for slot in range(top_k_index.shape[1]):
             idx = top_k_index[:, slot]  # (B,)
@@ -1233,9 +1203,24 @@ class VMoEExperts(nn.Module):
         return out
 
 
+def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The `vmoe_cpu` experts implementation, hf_vmoe's default on CPU: `eager`, except for one whole image at
+    inference (image routing at batch 1, the on-device workload), where the host reads the image's k expert ids and
+    `infer_one_image` runs them on its tokens as they are. Switched off (`eager`) it costs 1-2% at batch 1."""
+    if (hidden_states.ndim != 3 or torch.is_grad_enabled() or _static_shapes() or hidden_states.shape[0] != 1
+            or hidden_states.device.type != "cpu"):
+        return VMoEExperts.forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    return self.infer_one_image(hidden_states, top_k_index.tolist()[0], top_k_weights.tolist()[0])
+
+
+ALL_EXPERTS_FUNCTIONS.register("vmoe_cpu", vmoe_cpu_experts_forward)
+
+
 class VMoESparseMoeBlock(nn.Module):
-    """An MoE MLP block: a router's plan applied to the routed experts, plus an always-on shared expert (ViMoE).
-    With one shared image router (Mobile V-MoE) the block has no router and applies the encoder's plan."""
+    """An MoE MLP block: the router's plan sends the tokens to the routed experts, an always-on shared expert
+    (ViMoE) sees every token. With one shared image router (Mobile V-MoE) the block has no router and applies the
+    encoder's plan."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
@@ -1249,10 +1234,7 @@ class VMoESparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, routing: VMoERouting | None = None) -> torch.Tensor:
         if routing is None:
             _, routing = self.router(hidden_states)
-        if self.dispatch_dtype is None:
-            out = routing.apply(self.experts, hidden_states)
-        else:  # V-MoE's bfloat16 dispatcher
-            out = routing.apply_rounded(self.experts, hidden_states, self.dispatch_dtype)
+        out = routing.apply(self.experts, hidden_states, self.dispatch_dtype)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
         return out
@@ -1324,14 +1306,13 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         raise ValueError(f"image_size {(ih, iw)} is not divisible by patch_size {(ph, pw)}")
     num_patches = (ih // ph) * (iw // pw)
     t = num_patches + (1 if config.use_cls_token else 0)
-    e, k, ie = config.num_experts, config.num_experts_per_tok, config.expert_intermediate_size
+    ie = config.expert_intermediate_size
     b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
          "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
     per_row = 2 * 2 * h * ie  # one expert on one row
     padded = batch_size + group_padding(config, batch_size, t)  # images the blocks run, real and padding
-    # an image router: its linear layer, and the mean of the patch tokens, a matmul over all t tokens
-    image_router = 2 * h * e + (2 * t * h if config.router_input == "mean" else 0)
     router = ROUTER_CLASSES[config.router_type]  # each router type says what its blocks compute
+    shared_router = config.routing_level == "image" and config.shared_router  # one router call for every block
     rows = router.expert_rows(config, t, padded)
     for idx in range(config.num_hidden_layers):
         b["attention_projections"] += 4 * 2 * t * h * h
@@ -1342,13 +1323,9 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         b["experts"] += int(rows * per_row)
         if config.num_shared_experts:
             b["shared_experts"] += 2 * 2 * t * h * config.num_shared_experts * config.shared_expert_intermediate_size
-        if config.routing_level == "token":
-            for name, value in router.token_flops(config, t).items():
+        if not shared_router or idx == config.moe_layers[0]:
+            for name, value in router.router_flops(config, t).items():
                 b[name] = b.get(name, 0) + value
-        elif not config.shared_router:
-            b["router"] += image_router
-    if config.is_moe and config.routing_level == "image" and config.shared_router:
-        b["router"] += image_router
     if padded != batch_size:  # per real image: its own blocks and its share of the padding's
         b = {name: round(value * padded / batch_size) for name, value in b.items()}
     pooled = h * (2 if config.pooling == "cls_mean" else 1)
@@ -1396,17 +1373,17 @@ class VMoEPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Nothing requested: `eager` without a GPU (fastest on CPU, see docs/performance.md), else transformers'
-        default. torch's grouped_mm needs expert widths that are multiples of 8: other widths fall back to eager by
+        """Nothing requested: without a GPU `eager` (fastest on CPU, see docs/performance.md), for image routing with
+        its batch-1 fast path (`vmoe_cpu`); else transformers' default. torch's grouped_mm needs expert widths that are multiples of 8: other widths fall back to eager by
         default and raise a ValueError naming them when grouped_mm is asked for explicitly."""
         config = self.config
         if requested_experts is None and not torch.cuda.is_available():
-            return "eager"
+            return "vmoe_cpu" if config.routing_level == "image" else "eager"
         if config.is_moe and (config.hidden_size % 8 or config.expert_intermediate_size % 8):
             if requested_experts == "grouped_mm":
                 config.check_vmoe(experts_implementation="grouped_mm")
             if requested_experts is None:
-                return "eager"
+                return "vmoe_cpu" if config.routing_level == "image" else "eager"
         return super().get_correct_experts_implementation(requested_experts)
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
