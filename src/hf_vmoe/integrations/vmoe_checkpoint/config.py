@@ -356,7 +356,7 @@ def hf_config_from_vmoe(spec: Mapping, arch: Mapping | None = None) -> tuple[dic
 
     num_experts = int(arch["encoder.moe.num_experts"])
     kwargs.update(router_type=router_type, num_experts=num_experts,
-                  expert_intermediate_size=int(arch.get("encoder.moe.mlp_dim") or arch["encoder.mlp_dim"]))
+                  moe_intermediate_size=int(arch.get("encoder.moe.mlp_dim") or arch["encoder.mlp_dim"]))
     if model.get("encoder.moe.group_size") is None:
         raise ValueError("the vmoe config does not give encoder.moe.group_size (tokens per routing group)")
     group_size = int(model["encoder.moe.group_size"])
