@@ -19,7 +19,7 @@ def test_defaults_are_mobile_vmoe_tiny():
     assert config.routing_level == "image" and config.shared_router is True
     assert config.num_experts == 10 and config.num_experts_per_tok == 1
     assert config.moe_layers == (10, 11)
-    assert config.expert_intermediate_size == config.intermediate_size == 768
+    assert config.moe_intermediate_size == config.intermediate_size == 768
     assert config.shared_expert_intermediate_size == 768
     assert config.capacity_factor is None and config.eval_capacity_factor is None
     assert config.stage_names[0] == "stem" and config.stage_names[-1] == "stage12"
@@ -105,7 +105,7 @@ INVALID = [
     (dict(router_group_size=17), "router_group_size=17 groups tokens: it needs routing_level='token'"),
     (dict(router_group_size=0, routing_level="token"), "router_group_size must be None or a positive integer, got 0"),
     (dict(capacity_multiple_of=0), "capacity_multiple_of must be None or a positive integer, got 0"),
-    (dict(expert_intermediate_size=0), "expert_intermediate_size must be a positive integer, got 0"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size must be a positive integer, got 0"),
     (dict(shared_expert_intermediate_size=-8), "shared_expert_intermediate_size"),
     (dict(out_indices=[9]), "out_indices"),
     # the options for exact parity with Google's V-MoE (docs/vmoe-parity-spec.md §10)
@@ -150,7 +150,7 @@ def test_fields_changed_after_construction_are_checked_when_a_model_is_built():
 def test_grouped_mm_width_check():
     odd = dict(hidden_size=36, num_attention_heads=2, intermediate_size=68)
     # asked for explicitly: a ValueError naming the widths
-    with pytest.raises(ValueError, match=r"multiples of 8, got \{'hidden_size': 36, 'expert_intermediate_size': 68\}"):
+    with pytest.raises(ValueError, match=r"multiples of 8, got \{'hidden_size': 36, 'moe_intermediate_size': 68\}"):
         tiny_config(**odd).check_vmoe(experts_implementation="grouped_mm")
     # by default: the model silently uses eager
     model = VMoEForImageClassification(tiny_config(routing_level="token", **odd))
@@ -208,6 +208,51 @@ def test_dict_and_json_roundtrip(index, tmp_path):
     assert {k: v for k, v in loaded.to_dict().items() if k not in skip} == {
         k: v for k, v in as_dict.items() if k not in skip
     }
+
+
+def test_old_field_name_expert_intermediate_size_gives_the_same_config(tmp_path):
+    """`expert_intermediate_size` (the routed expert width's earlier name) loads: as a keyword, through from_dict and
+    from an old config.json; it also reads and sets `moe_intermediate_size`, type-checked like the field."""
+    new = tiny_config(routing_level="token", moe_intermediate_size=48, num_shared_experts=1)
+    expected = new.to_dict()
+    assert new.expert_intermediate_size == 48 and new.shared_expert_intermediate_size == 48  # derived from it
+    assert tiny_config(routing_level="token", expert_intermediate_size=48, num_shared_experts=1).to_dict() == expected
+    old_dict = {("expert_intermediate_size" if k == "moe_intermediate_size" else k): v for k, v in expected.items()}
+    assert "moe_intermediate_size" not in old_dict
+    assert VMoEConfig.from_dict(old_dict).to_dict() == expected
+    assert VMoEConfig(**old_dict).to_dict() == expected
+    assert VMoEConfig(**expected).to_dict() == expected
+    # an old config.json, loaded by the class and by AutoConfig
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update(old_dict)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    skip = ("_name_or_path", "auto_map", "transformers_version")
+    for load in (VMoEConfig.from_pretrained, AutoConfig.from_pretrained):
+        loaded = load(tmp_path)
+        assert loaded.moe_intermediate_size == 48 and loaded.shared_expert_intermediate_size == 48
+        assert {k: v for k, v in loaded.to_dict().items() if k not in skip} == {
+            k: v for k, v in expected.items() if k not in skip
+        }
+    model = VMoEForImageClassification(loaded)  # the model reads the width under either name
+    assert model.vmoe.encoder.layer[-1].mlp.experts.up_proj.shape[1] == 48
+    # the old name reads and writes the field, with the field's type check
+    new.expert_intermediate_size = 24
+    assert new.moe_intermediate_size == 24 and new.to_dict()["moe_intermediate_size"] == 24
+    with pytest.raises(StrictDataclassFieldValidationError):
+        new.expert_intermediate_size = "wide"
+    # `{**config.to_dict(), old_name: value}` overrides, as the old name did
+    assert VMoEConfig(**{**expected, "expert_intermediate_size": 32}).moe_intermediate_size == 32
+
+
+def test_saved_config_writes_moe_intermediate_size_only(tmp_path):
+    config = tiny_config(expert_intermediate_size=48)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["moe_intermediate_size"] == 48 and "expert_intermediate_size" not in saved
+    assert "expert_intermediate_size" not in json.loads(config.to_json_string())
+    assert "expert_intermediate_size" not in config.to_diff_dict()
+    assert VMoEConfig.from_pretrained(tmp_path).moe_intermediate_size == 48
 
 
 def test_invalid_json_config_fails_on_load(tmp_path):

@@ -370,15 +370,17 @@ ALLOWED = {"checkpoint": {"checkpoint"}, "recipes": {"checkpoint", "recipes"},
            "apps": {"checkpoint", "recipes", "integrations", "apps"}}
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "recipes").glob("*.py")) + sorted((PACKAGE / "integrations").glob("*.py")),
+@pytest.mark.parametrize("path", sorted((PACKAGE / "recipes").rglob("*.py")) + sorted((PACKAGE / "integrations").rglob("*.py")),
                          ids=lambda p: p.relative_to(PACKAGE).as_posix())
 def test_imports_point_one_way(path):
     """checkpoint <- recipes <- integrations <- apps: a module imports only its own layer and the ones below."""
-    layer = path.parent.name
+    package = list(path.relative_to(PACKAGE).parent.parts)  # e.g. ["integrations", "vmoe_checkpoint"]
+    layer = package[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
-            # resolve the relative import against the module's package (hf_vmoe.<layer>)
-            target = (node.module or "") if node.level == 2 else f"{layer}.{node.module or ''}"
+            # resolve the relative import against the module's package (hf_vmoe.<layer>[.<subpackage>])
+            base = package[: len(package) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_vmoe"):
             target = node.module.removeprefix("hf_vmoe").lstrip(".")
         else:
@@ -406,17 +408,11 @@ def test_every_documented_import_path_works():
     import importlib
     import warnings
 
-    import hf_vmoe
-
     documented = _documented_imports()
     assert len(documented) > 10
-    moved = {f"hf_vmoe.{old}" for old in hf_vmoe._MOVED}  # named as moved paths; test_moved_module_paths_... checks
     for dotted, names in sorted(documented.items()):
-        if dotted in moved:
-            assert not names, f"docs import from the moved path {dotted}; use its new module"
-            continue
         with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)  # docs use the current paths, not the moved ones
+            warnings.simplefilter("error", FutureWarning)  # docs use current paths and names, nothing deprecated
             parts = dotted.split(".")
             for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
                 try:
@@ -429,21 +425,6 @@ def test_every_documented_import_path_works():
                 obj = getattr(obj, attribute)
         for name in names:
             assert hasattr(obj, name), f"docs import {name} from {dotted}, which has no such name"
-
-
-def test_moved_module_paths_still_import():
-    """The flat layout's module paths resolve, with a FutureWarning naming the new place."""
-    import importlib
-
-    import hf_vmoe
-
-    for old, targets in hf_vmoe._MOVED.items():
-        with pytest.warns(FutureWarning, match=targets[0].replace(".", r"\.")):
-            module = importlib.import_module(f"hf_vmoe.{old}")
-        for target in targets:
-            new = importlib.import_module(f"hf_vmoe.{target}")
-            assert all(getattr(module, name) is getattr(new, name) for name in new.__all__)
-        sys.modules.pop(f"hf_vmoe.{old}", None)
 
 
 def test_architecture_page_names_every_module():

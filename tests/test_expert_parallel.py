@@ -175,8 +175,8 @@ def _run_two_ranks(dist_kwargs, backends, shared_batch, config=None):
 
 def _check(reports, config, backends):
     local = config.num_experts // 2
-    per_block = [(local, config.expert_intermediate_size, config.hidden_size), (local, config.expert_intermediate_size),
-                 (local, config.hidden_size, config.expert_intermediate_size), (local, config.hidden_size)]
+    per_block = [(local, config.moe_intermediate_size, config.hidden_size), (local, config.moe_intermediate_size),
+                 (local, config.hidden_size, config.moe_intermediate_size), (local, config.hidden_size)]
     for report in reports:
         assert report["backend"] == "gloo"
         assert report["local_num_experts"] == [local] * len(config.moe_layers), report

@@ -114,7 +114,7 @@ def test_int8_expert_weights_pass_is_weight_only_int8():
     quantization step of the float32 weights; the program's outputs stay close to float32."""
     torch.manual_seed(0)
     model = VMoEForImageClassification(tiny_config(num_experts_per_tok=2, shared_router=False)).eval()
-    from hf_vmoe.integrations.export import _ExportWrapper
+    from hf_vmoe.integrations.export_utils import _ExportWrapper
 
     wrapper = _ExportWrapper(model, with_router_logits=False).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -18,7 +18,7 @@ CONFIGS = {
     "token_k2_every2": dict(routing_level="token", num_experts_per_tok=2, moe_layers="every:2"),
     "token_shared_experts_cls_mean_layerscale": dict(routing_level="token", num_shared_experts=2, pooling="cls_mean",
                                                      layerscale_value=0.1, qkv_bias=False),
-    "image_narrow_experts_all_blocks": dict(moe_layers="all", expert_intermediate_size=24, num_experts=3,
+    "image_narrow_experts_all_blocks": dict(moe_layers="all", moe_intermediate_size=24, num_experts=3,
                                             patch_size=4),
     "expert_choice_per_image_groups": dict(routing_level="token", router_type="expert_choice", router_group_size=17,
                                            capacity_factor=1.5, num_shared_experts=1),
@@ -41,7 +41,7 @@ def test_params_match_the_model(name):
     assert total == sum(p.numel() for p in model.parameters())
     assert count_params(config, head=None)[0] == sum(p.numel() for p in VMoEModel(config).parameters())
     if config.is_moe:
-        per_expert = 2 * config.hidden_size * config.expert_intermediate_size + config.expert_intermediate_size \
+        per_expert = 2 * config.hidden_size * config.moe_intermediate_size + config.moe_intermediate_size \
             + config.hidden_size
         idle = 0 if config.router_type in ALL_EXPERTS_ACTIVE else config.num_experts - config.num_experts_per_tok
         assert total - active == idle * per_expert * len(config.moe_layers)

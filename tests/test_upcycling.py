@@ -146,7 +146,7 @@ def test_split_experts_uniform_router_over_all_experts_equals_dense(pixels):
     dense = vit_classifier()
     model = upcycle(dense, routing_level="token", expert_init="split", num_experts=4, num_experts_per_tok=4,
                     moe_layers=(2,))
-    assert model.config.expert_intermediate_size == 16
+    assert model.config.moe_intermediate_size == 16
     with torch.no_grad():
         model.vmoe.encoder.layer[2].mlp.router.weight.zero_()  # uniform router: each expert gets weight 1/4
         torch.testing.assert_close(model(pixels).logits, dense(pixels).logits, atol=ATOL, rtol=0)
@@ -220,8 +220,9 @@ def test_refusals():
         upcycle(vit_classifier(), expert_init="random")
     with pytest.raises(ValueError, match="hidden_size"):
         upcycle(vit_classifier(), hidden_size=64)
-    with pytest.raises(ValueError, match="expert_intermediate_size"):
-        upcycle(vit_classifier(), expert_intermediate_size=32)
+    for name in ("moe_intermediate_size", "expert_intermediate_size"):  # the field and its earlier name
+        with pytest.raises(ValueError, match="moe_intermediate_size=32 does not fit"):
+            upcycle(vit_classifier(), **{name: 32})
     with pytest.raises(ValueError, match="model_type"):
         vmoe_config_from_dense(VMoEConfig())
 

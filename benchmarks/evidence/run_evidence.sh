@@ -33,7 +33,7 @@ MOBILE=(--preset mobile-vmoe-6x96 --config_overrides "num_experts=4")
 # ViMoE style: token routing, E=4 experts of half width (192), k=1, plus a shared expert of half width (192):
 # active MLP width 384 = the dense MLP, + a token router.
 TOKEN=(--preset mobile-vmoe-6x96 --config_overrides
-  "routing_level=token,num_experts=4,num_experts_per_tok=1,expert_intermediate_size=192,num_shared_experts=1,shared_expert_intermediate_size=192,shared_router=false")
+  "routing_level=token,num_experts=4,num_experts_per_tok=1,moe_intermediate_size=192,num_shared_experts=1,shared_expert_intermediate_size=192,shared_router=false")
 
 # ---- segmentation: CamVid (ADE layout, 11 classes, 0 -> ignore), 128 x 128 crops, linear head, 6 x 96 ViT
 SEG_COMMON=(--train_dir "$DATA/camvid-ade" --validation_dir "$DATA/camvid-ade" --reduce_labels --crop_size 128
@@ -82,7 +82,7 @@ case "${1:-}" in
       --num_experts 4 --num_experts_per_tok 1 --moe_layers last:2 ;;
   seg-token-shared)  # E=4 half-width experts + a half-width shared expert, k=1: same active FLOPs
     run seg-token-shared$SUF examples/run_semantic_segmentation.py "${SEG_COMMON[@]}" \
-      --config_overrides "hidden_size=96,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384,patch_size=8,expert_intermediate_size=192,shared_expert_intermediate_size=192" \
+      --config_overrides "hidden_size=96,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384,patch_size=8,moe_intermediate_size=192,shared_expert_intermediate_size=192" \
       --routing_level token --num_experts 4 --num_experts_per_tok 1 --num_shared_experts 1 --moe_layers last:2 ;;
   lane_cls)
     for r in cls-dense cls-superclasses cls-moe-superclass cls-moe-superclass-loss cls-moe-router cls-token-shared; do

@@ -7,12 +7,8 @@ is not installed.
 """
 
 import contextlib
-import importlib
-import importlib.abc
 import importlib.util
 import sys
-import types
-import warnings
 
 from .integrations.extras import muted_loggers
 
@@ -78,51 +74,6 @@ VMoEForImageClassification.register_for_auto_class("AutoModelForImageClassificat
 VMoEForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 VMoEBackbone.register_for_auto_class("AutoBackbone")
 VMoEImageProcessor.register_for_auto_class("AutoImageProcessor")
-
-# Module paths of the earlier flat layout stay importable (with a FutureWarning): each maps to the module(s) that
-# now hold its contents. `hf_vmoe.segmentation` was split into the UperNet model and the segmentation data helpers.
-_MOVED = {
-    "superclasses": ("recipes.superclasses",),
-    "upcycling": ("recipes.upcycling",),
-    "analysis": ("recipes.analysis",),
-    "presets": ("recipes.presets",),
-    "flops": ("recipes.flops",),
-    "hub": ("integrations.hub",),
-    "export": ("integrations.export",),
-    "callbacks": ("integrations.callbacks",),
-    "script_defaults": ("integrations.script_defaults",),
-    "data_utils": ("integrations.data",),
-    "convert_vmoe": ("integrations.convert_vmoe",),
-    "segmentation": ("integrations.upernet", "integrations.data"),
-}
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Resolves `hf_vmoe.<old name>` to the module that holds it now (a merged module for a split one)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        prefix, _, name = fullname.rpartition(".")
-        return importlib.util.spec_from_loader(fullname, self) if prefix == __name__ and name in _MOVED else None
-
-    def create_module(self, spec):
-        targets = [f"{__name__}.{target}" for target in _MOVED[spec.name.rpartition(".")[2]]]
-        warnings.warn(f"{spec.name} moved to {' and '.join(targets)}; import it from there", FutureWarning,
-                      stacklevel=2)
-        modules = [importlib.import_module(target) for target in targets]
-        if len(modules) == 1:
-            return modules[0]
-        merged = types.ModuleType(spec.name, f"{spec.name}: the names of {', '.join(targets)}")
-        for module in modules:
-            merged.__dict__.update({name: getattr(module, name) for name in module.__all__})
-        merged.__all__ = [name for module in modules for name in module.__all__]
-        return merged
-
-    def exec_module(self, module):
-        pass
-
-
-if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
 
 __all__ = [
     "VMoEConfig",

@@ -126,9 +126,11 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             = `capacity_factor` (None = 1.0), tokens per image at `image_size`; stored resolved.
         moe_layers (`tuple[int]` | `str` | None): MoE block indices; None = last two blocks; also `"last:L"`,
             `"every:n"`, `"all"`, `"none"` (a dense ViT). Stored resolved, as a tuple of indices.
-        expert_intermediate_size (`int`, None = `intermediate_size`): hidden width of each routed expert.
+        moe_intermediate_size (`int`, None = `intermediate_size`): hidden width of each routed expert (the name of
+            Qwen2-MoE and Mixtral-style configs; `expert_intermediate_size`, its earlier name, is still accepted
+            as a keyword or in a config.json and still reads and writes it).
         num_shared_experts (`int`): always-on experts beside the routed ones (ViMoE); 0 = none.
-        shared_expert_intermediate_size (`int`, None = `expert_intermediate_size`): width of each shared expert.
+        shared_expert_intermediate_size (`int`, None = `moe_intermediate_size`): width of each shared expert.
         shared_router (`bool`, None = True for image routing): image routing only; one router whose decision serves
             every MoE block (Mobile V-MoE) instead of one router per block.
         router_input (`str`): image routing only; the router reads the class token (`"cls"`) or the mean of the
@@ -184,6 +186,8 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         "aux_loss", "router_logits", "hidden_states", "attentions", "superclass_loss", "superclass_accuracy",
         "expert_counts",
     ]
+    # earlier names of fields: read and written through to the field; accepted as keywords and in a config.json
+    attribute_map = {"expert_intermediate_size": "moe_intermediate_size"}
 
     # ViT
     hidden_size: int = 192
@@ -211,7 +215,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     num_experts_per_tok: int = 1
     num_slots: int | None = None
     moe_layers: tuple[int, ...] | list[int] | str | None = None
-    expert_intermediate_size: int | None = None
+    moe_intermediate_size: int | None = None
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None
     shared_router: bool | None = None
@@ -245,10 +249,17 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         if not self.num_hidden_layers >= 1:
             raise ValueError(f"num_hidden_layers must be a positive integer, got {self.num_hidden_layers!r}")
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
-        if self.expert_intermediate_size is None:
-            self.expert_intermediate_size = self.intermediate_size
+        for old, new in self.attribute_map.items():  # before the defaults below, which read the new name
+            if old in kwargs:  # wins, as transformers sets it after the fields (`{**config.to_dict(), old: value}`)
+                value = kwargs.pop(old)
+                if getattr(self, new) is not None and getattr(self, new) != value:
+                    logger.warning(f"{old}={value!r} replaces {new}={getattr(self, new)!r} ({old} is the old name of "
+                                   f"{new}; give {new} only)")
+                setattr(self, new, value)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
         if self.shared_expert_intermediate_size is None:
-            self.shared_expert_intermediate_size = self.expert_intermediate_size
+            self.shared_expert_intermediate_size = self.moe_intermediate_size
         if self.shared_router is None:
             self.shared_router = self.routing_level == "image"
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
@@ -290,6 +301,15 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
             logger.warning("train_routing 'superclass' -> 'router': there is no super-class map to route by")
         return super().from_dict(config_dict, **kwargs)
 
+    def __setattr__(self, key, value):
+        """An old name (`attribute_map`) is set through the field's own name, so `@strict` checks the value as it
+        checks the field's (transformers maps the name after the check, which then finds no field)."""
+        new = type(self).attribute_map.get(key)
+        if new is not None:
+            setattr(self, new, value)
+        else:
+            super().__setattr__(key, value)
+
     @property
     def is_moe(self) -> bool:
         return len(self.moe_layers) > 0
@@ -320,7 +340,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
         self.validate_vmoe_superclasses()
         if experts_implementation == "grouped_mm" and self.is_moe:
             # torch's CPU grouped_mm needs 16-byte aligned strides: widths must be multiples of 8 (fp32 and bf16)
-            bad = {n: getattr(self, n) for n in ("hidden_size", "expert_intermediate_size") if getattr(self, n) % 8}
+            bad = {n: getattr(self, n) for n in ("hidden_size", "moe_intermediate_size") if getattr(self, n) % 8}
             if bad:
                 raise ValueError(
                     f"experts_implementation='grouped_mm' needs expert widths that are multiples of 8, got {bad}; "
@@ -344,7 +364,7 @@ class VMoEConfig(BackboneConfigMixin, PreTrainedConfig):
     def validate_vmoe_sizes(self):
         """Widths, counts and the patch grid."""
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
-                     "num_experts", "num_experts_per_tok", "expert_intermediate_size",
+                     "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                      "shared_expert_intermediate_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -63,11 +63,11 @@ def moe_config(dense_config: VMoEConfig, mode: str, overrides: dict) -> VMoEConf
     fields.update(overrides)
     width = dense_config.intermediate_size
     if mode == "copy":
-        fields.update(expert_intermediate_size=width, num_shared_experts=0)
+        fields.update(moe_intermediate_size=width, num_shared_experts=0)
     else:
         if width % 2:
             raise SystemExit(f"split_shared needs an even MLP width, got {width}")
-        fields.update(expert_intermediate_size=width // 2, num_shared_experts=1, shared_expert_intermediate_size=width // 2)
+        fields.update(moe_intermediate_size=width // 2, num_shared_experts=1, shared_expert_intermediate_size=width // 2)
     if fields.get("routing_level") == "token" and "shared_router" not in overrides:
         fields["shared_router"] = False  # the dense config resolved it to True (image routing default)
     config = VMoEConfig(**fields)
@@ -82,7 +82,7 @@ def upcycled(dense, cls, config: VMoEConfig, mode: str, seed: int):
     base_prefix = model.base_model_prefix
     # the package's conversion, in copy mode with full-width experts and no shared expert
     copy_cfg = VMoEConfig(**{**config.to_dict(), "num_shared_experts": 0,
-                             "expert_intermediate_size": dense.config.intermediate_size})
+                             "moe_intermediate_size": dense.config.intermediate_size})
     state = upcycled_state_dict(dense, copy_cfg, expert_init="copy")
     if mode == "split_shared":
         half = dense.config.intermediate_size // 2
@@ -181,7 +181,7 @@ def main(argv=None):
         report = {"mode": args.mode, "dense": str(args.dense), "max_logit_diff_vs_dense": diff,
                   "normalize_router_weights": config.normalize_router_weights,
                   "moe_layers": list(config.moe_layers), "num_experts": config.num_experts,
-                  "expert_intermediate_size": config.expert_intermediate_size,
+                  "moe_intermediate_size": config.moe_intermediate_size,
                   "num_shared_experts": config.num_shared_experts, "routing_level": config.routing_level}
     for name in PROCESSOR_FILES:
         if (args.dense / name).is_file():

@@ -142,7 +142,7 @@ def architecture_summary(config: VMoEConfig) -> dict:
         "moe_layers": list(config.moe_layers),
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "expert_intermediate_size": config.expert_intermediate_size,
+        "moe_intermediate_size": config.moe_intermediate_size,
         "num_shared_experts": config.num_shared_experts,
         "shared_router": bool(config.shared_router),
         "image_size": config.image_size,
@@ -341,7 +341,7 @@ def build_model_card(
         architecture_rows = (
             f"| routing | {routing} |\n"
             f"| experts per MoE block | {config.num_experts} (k = {config.num_experts_per_tok}), width "
-            f"{config.expert_intermediate_size} |\n"
+            f"{config.moe_intermediate_size} |\n"
             f"| MoE blocks | {list(config.moe_layers)} of {config.num_hidden_layers} |\n"
             f"| shared experts | {shared} |\n"
             f"| parameters | {format_count(arch['total_params'])} total, {format_count(arch['active_params'])} active "

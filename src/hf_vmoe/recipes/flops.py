@@ -57,7 +57,7 @@ def count_params(config: VMoEConfig, head: str = "classification") -> tuple[int,
     ih, iw = to_pair(config.image_size)
     num_patches = (ih // ph) * (iw // pw)
     e, k = config.num_experts, config.num_experts_per_tok
-    ie = config.expert_intermediate_size
+    ie = config.moe_intermediate_size
 
     cls = 1 if getattr(config, "use_cls_token", True) else 0
     embed = cls * h + (num_patches + cls) * h + c * ph * pw * h + h  # cls, position, conv weight + bias
@@ -108,7 +108,7 @@ def count_flops(config: VMoEConfig, head: str = "classification", image_size=Non
     ih, iw = to_pair(image_size if image_size is not None else config.image_size)
     ph, pw = to_pair(config.patch_size)
     t = (ih // ph) * (iw // pw) + (1 if config.use_cls_token else 0)
-    expert = 2 * 2 * t * config.hidden_size * config.expert_intermediate_size  # one expert on every token
+    expert = 2 * 2 * t * config.hidden_size * config.moe_intermediate_size  # one expert on every token
     all_experts = config.num_experts * expert * len(config.moe_layers) - b["experts"]
     total, active = count_params(config, head)
     return ModelCost(

@@ -266,7 +266,7 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
         down = w2.unsqueeze(0).repeat(num_experts, 1, 1) * scale
         down_bias = b2.unsqueeze(0).repeat(num_experts, 1) * scale
     else:  # split the hidden units: expert e gets units [e * I/E, (e + 1) * I/E)
-        width = config.expert_intermediate_size
+        width = config.moe_intermediate_size
         up = w1.reshape(num_experts, width, -1).clone()
         up_bias = b1.reshape(num_experts, width).clone()
         down = w2.reshape(w2.shape[0], num_experts, width).permute(1, 0, 2) * (num_experts * scale)
@@ -466,7 +466,10 @@ def upcycle(
                 f"expert_init='split' needs intermediate_size ({intermediate}) divisible by num_experts ({num_experts})"
             )
         wanted = intermediate // num_experts
-    for name, value in (("expert_intermediate_size", wanted), ("shared_expert_intermediate_size", intermediate)):
+    for old, new in VMoEConfig.attribute_map.items():  # earlier field names (expert_intermediate_size)
+        if old in moe_kwargs:
+            moe_kwargs[new] = moe_kwargs.pop(old)
+    for name, value in (("moe_intermediate_size", wanted), ("shared_expert_intermediate_size", intermediate)):
         if moe_kwargs.get(name) not in (None, value):
             raise ValueError(
                 f"{name}={moe_kwargs[name]} does not fit expert_init={expert_init!r} for a dense MLP of width "
