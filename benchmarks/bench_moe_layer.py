@@ -107,7 +107,7 @@ def main(argv=None):
     fns = {
         "dense_mlp768": lambda: dense1x(x),
         "image_grouped": lambda: block(x, plan),
-        "image_gathered": lambda: block.experts._forward_images_gathered(x, plan.top_k_index, weights),
+        "image_gathered": lambda: block.experts._forward_gathered(x, plan.top_k_index, weights),
         "image_with_router": lambda: block(x),
     }
     results["image_E10"] = compare(fns, "dense_mlp768", reps)

@@ -175,7 +175,7 @@ def test_image_paths_match_reference(case, path):
     index, weights = random_routing(spec["batch"], 4, spec["top_k"], seed=3, only=spec["only"])
     if spec["only"] is None and spec["batch"] > 4:
         assert len(index.unique()) > 1  # really exercises several experts
-    fn = experts if path == "grouped" else experts._forward_images_gathered  # whole images (B, S, H), (B, k)
+    fn = experts if path == "grouped" else experts._forward_gathered  # whole images (B, S, H), (B, k)
     want = outputs_and_grads(lambda h, w: reference(experts, h, index, w), experts, x, weights)
     got = outputs_and_grads(lambda h, w: fn(h, index, w), experts, x, weights)
     assert_same(got, want)
@@ -188,7 +188,7 @@ def test_image_grouped_and_gathered_paths_agree_exactly_enough():
     index, weights = random_routing(11, 6, 1, seed=5)
     with torch.no_grad():
         a = experts(x, index, weights)
-        b = experts._forward_images_gathered(x, index, weights)
+        b = experts._forward_gathered(x, index, weights)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

@@ -479,3 +479,17 @@ def test_error_row(cause, call, error, errors_namespace, monkeypatch):
         found = text.find(piece, position)
         assert found >= 0, f"{cause}: {piece!r} is not in the message (after position {position}):\n{text}"
         position = found + len(piece)
+
+
+def test_every_public_name_exists():
+    """Each module's `__all__` names only what it defines: a stale name breaks `from module import *` and the docs
+    that list the module's API."""
+    import importlib
+    import pkgutil
+
+    import hf_vmoe
+
+    for info in pkgutil.walk_packages(hf_vmoe.__path__, "hf_vmoe."):
+        module = importlib.import_module(info.name)
+        missing = [name for name in getattr(module, "__all__", ()) if not hasattr(module, name)]
+        assert not missing, f"{info.name}.__all__ names {missing}, which it does not define"

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_config
 from transformers import Trainer, TrainingArguments
 
-from hf_vmoe import VMoEConfig, VMoEForImageClassification, update_router_biases
+from hf_vmoe import VMoEForImageClassification, update_router_biases
 from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback
 from hf_vmoe.modeling_vmoe import VMoETopKRouter
 

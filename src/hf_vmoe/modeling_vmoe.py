@@ -1085,7 +1085,7 @@ class VMoEExperts(nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.expert_intermediate_size
+        self.intermediate_dim = config.moe_intermediate_size
         self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
         self.up_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.intermediate_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
@@ -1106,7 +1106,7 @@ class VMoEExperts(nn.Module):
         shape = hidden_states.shape
         if hidden_states.ndim == 3:  # groups: one row per token, with its group's assignments
             if _static_shapes():  # before any test of the batch size, which would specialise an exported batch dim
-                return self._forward_images_gathered(hidden_states, top_k_index, top_k_weights)
+                return self._forward_gathered(hidden_states, top_k_index, top_k_weights)
             hidden_states = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
             top_k_index = top_k_index.repeat_interleave(shape[1], dim=0)  # (B * S, k)
             top_k_weights = top_k_weights.repeat_interleave(shape[1], dim=0)
@@ -1189,7 +1189,7 @@ class VMoEExperts(nn.Module):
         self._views, self._views_key = None, None  # views of the old storage would keep it alive
         return super()._apply(fn, recurse)
 
-    def _forward_images_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+    def _forward_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                  top_k_weights: torch.Tensor) -> torch.Tensor:
         """Static shapes: one `baddbmm` pair per slot on each group's gathered expert weights (G, n, H) -> (G, n, H)."""
         weights = top_k_weights.to(hidden_states.dtype)
@@ -1306,7 +1306,7 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
         raise ValueError(f"image_size {(ih, iw)} is not divisible by patch_size {(ph, pw)}")
     num_patches = (ih // ph) * (iw // pw)
     t = num_patches + (1 if config.use_cls_token else 0)
-    ie = config.expert_intermediate_size
+    ie = config.moe_intermediate_size
     b = {"patch_embedding": 2 * num_patches * c * ph * pw * h, "attention_projections": 0, "attention_matmuls": 0,
          "mlp": 0, "experts": 0, "shared_experts": 0, "router": 0, "soft_dispatch_combine": 0, "classifier": 0}
     per_row = 2 * 2 * h * ie  # one expert on one row
@@ -1379,7 +1379,7 @@ class VMoEPreTrainedModel(PreTrainedModel):
         config = self.config
         if requested_experts is None and not torch.cuda.is_available():
             return "vmoe_cpu" if config.routing_level == "image" else "eager"
-        if config.is_moe and (config.hidden_size % 8 or config.expert_intermediate_size % 8):
+        if config.is_moe and (config.hidden_size % 8 or config.moe_intermediate_size % 8):
             if requested_experts == "grouped_mm":
                 config.check_vmoe(experts_implementation="grouped_mm")
             if requested_experts is None:

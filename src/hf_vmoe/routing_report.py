@@ -143,5 +143,5 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
-__all__ = ["add_arguments", "parse_args", "load_model", "normalisation", "classification_batches",
+__all__ = ["parse_args", "load_model", "normalisation", "classification_batches",
            "segmentation_batches", "run", "main"]

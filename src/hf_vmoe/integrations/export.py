@@ -10,7 +10,7 @@
     export_onnx(model, "vmoe-int8.onnx", quantize="int8", calibration=pixel_values)
 
 Image routing (Mobile V-MoE) exports as is: under `torch.export` the experts take their trace-friendly path
-(`VMoEExperts.forward_images` gathers each image's expert weights and runs one batched matmul), so the graph has no
+(the `eager` experts gather each image's expert weights and run one batched matmul), so the graph has no
 data-dependent shapes and each image still only uses its own k experts' weights. Shared experts and the dense twin
 (`moe_layers="none"`) export the same way; so does transformers' `ViTForImageClassification` (the benchmarks'
 dense reference).
