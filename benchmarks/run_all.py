@@ -48,6 +48,11 @@ def goals_table() -> str:
         rows.append(("image routing / dense ViT throughput, batch 1", ">= 0.97", g["image_vs_dense_batch1"]))
         rows.append(("token routing (E=8, k=2, all blocks) / ViT MLP 1536, batch 32", ">= 0.85",
                      g["token_vs_dense2x_batch32"]))
+        if "token_vs_dense2x_batch1" in g:
+            rows.append(("token routing (E=8, k=2, all blocks) / ViT MLP 1536, batch 1", ">= 0.80",
+                         g["token_vs_dense2x_batch1"]))
+            rows.append(("expert choice / ViT MLP 1536 per FLOP, batch 32", ">= 0.85", g["expert_choice_per_flop_batch32"]))
+            rows.append(("Soft MoE / ViT MLP 1536 per FLOP, batch 32", ">= 0.85", g["soft_per_flop_batch32"]))
         rows.append(("Mobile V-MoE-Tiny eager, fraction of matmul peak, batch 32", ">= 0.70",
                      g["eager_fraction_of_peak_batch32"]))
     if comp and "32" in comp.get("image", {}):
