@@ -26,6 +26,7 @@ BENCHES = {  # name -> (script, result file stem)
     "train": ("bench_train.py", "train_step"),
     "memory": ("bench_memory.py", "memory"),
     "compile": ("bench_compile.py", "compile"),
+    "small_experts": ("bench_small_experts.py", "small_experts"),
 }
 
 # Run on their own (they need the onnx / executorch extras and a quiet machine); their last results are gathered.
