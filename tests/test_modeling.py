@@ -315,6 +315,19 @@ def test_one_image_fast_path_equals_sorted_dispatch(top_k, monkeypatch):
     assert weights.grad.abs().sum() > 0 and hidden.grad.abs().sum() > 0
 
 
+def test_training_mode_without_gradients_routes_on_tensors():
+    """The host-side plan is for inference only: a batch-1 forward in train() mode under no_grad (an EMA teacher, a
+    statistics pass) still adds router noise and follows super-class forcing."""
+    from hf_vmoe.modeling_vmoe import TopKRouting
+
+    model = VMoEForImageClassification(tiny_config(superclass_ids=[0, 1, 2, 3, 0], train_routing="superclass",
+                                                   router_noise_std=1.0)).train()
+    with torch.no_grad():
+        _, plan = model.vmoe.encoder.router(torch.randn(1, SEQ, 32), torch.tensor([3]))
+    assert type(plan) is TopKRouting and plan.noisy_logits is not None
+    assert plan.top_k_index.tolist() == [[3]]
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_one_image_inference_is_planned_on_the_host_and_matches_the_tensor_path(top_k):
     """At batch 1 on a CPU without gradients the image router decides on the host (`OneImageRouting`) and the experts

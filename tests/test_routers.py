@@ -102,6 +102,13 @@ def test_chosen_experts_backend_is_the_one_called(name, monkeypatch):
         return eager(*args, **kwargs)
 
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "eager", eager_spy)
+    per_expert = VMoEExperts.forward_per_expert  # the eager path of expert choice and Soft MoE (equal work)
+
+    def per_expert_spy(*args, **kwargs):
+        calls["eager"] += 1
+        return per_expert(*args, **kwargs)
+
+    monkeypatch.setattr(VMoEExperts, "forward_per_expert", per_expert_spy)
     results = {}
     for backend in ("eager", "batched_mm", "grouped_mm"):
         model.set_experts_implementation(backend)
@@ -582,3 +589,33 @@ def test_register_router_checks_its_arguments_and_enables_the_name():
     finally:
         ROUTER_CLASSES.pop("mine", None)
         ROUTER_LEVELS.pop("mine", None)
+
+
+@pytest.mark.parametrize("name", ["expert_choice", "soft"])
+def test_equal_work_routers_send_global_expert_ids_when_experts_are_sharded(name, monkeypatch):
+    """Under expert parallelism a rank's `VMoEExperts` holds some experts only (`num_experts` is the local count): expert
+    choice and Soft MoE then go through the experts interface with every row's global expert id, not their batched
+    per-expert path, which needs every expert."""
+    block = VMoESparseMoeBlock(tiny_config(**ALL_ROUTINGS[name], num_experts=4))
+    block.experts.config._experts_implementation = "eager"
+    seen = []
+
+    def spy(experts, hidden_states, top_k_index, top_k_weights):
+        seen.append(top_k_index.unique().tolist())
+        return torch.zeros_like(hidden_states)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "eager", spy)
+    with torch.no_grad():
+        block(torch.randn(2, SEQ, 32))
+        assert seen == []  # every expert local: one batched matmul per projection, no interface call
+        block.experts.num_experts = 2  # as a rank of two holds them
+        block(torch.randn(2, SEQ, 32))
+    assert seen == [[0, 1, 2, 3]]
+
+
+def test_vmoe_cpu_backend_names_the_experts_it_is_for():
+    from hf_vmoe.modeling_vmoe import vmoe_cpu_experts_forward
+
+    with pytest.raises(ValueError, match="'vmoe_cpu' is hf_vmoe's, for VMoEExperts; got Linear"):
+        vmoe_cpu_experts_forward(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long),
+                                 torch.ones(1, 1))

@@ -381,8 +381,8 @@ class TopKRouting(VMoERouting):
 
     def apply(self, experts, hidden_states, dispatch_dtype=None):
         index, weights = self.top_k_index, self.top_k_weights
-        if self.seq_len is not None and dispatch_dtype is None and experts.config._experts_implementation in (
-                GROUPED_BACKENDS):
+        grouped = experts.config._experts_implementation in GROUPED_BACKENDS
+        if self.seq_len is not None and dispatch_dtype is None and grouped:
             return experts(hidden_states, index, weights)  # whole images: (B, S, H) with one (k,) row per image
         shape = hidden_states.shape
         rows = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
@@ -440,8 +440,9 @@ class OneImageRouting(TopKRouting):
     """Top-k image routing of one image, decided on the host (`VMoETopKRouter.route_one_image`): CPU inference at
     batch 1, where the plan is k numbers and each small tensor op it saves (softmax, top-k, reading the ids back)
     measured 25-45 us right after a forward pass (1-2 us in a tight loop). `experts` / `weights`: the k expert ids
-    and combine weights as Python numbers, handed to the `vmoe_cpu` experts implementation as they are;
-    `top_k_index` / `top_k_weights` are made from them only if something else reads them."""
+    and combine weights as Python numbers; with the `vmoe_cpu` backend and no gradients they go straight to
+    `VMoEExperts.infer_one_image` (what `vmoe_cpu` runs for one image), otherwise `top_k_index` / `top_k_weights`
+    are made from them and the plan is a `TopKRouting`."""
 
     def __init__(self, logits: torch.Tensor, experts: list[int], weights: list[float], seq_len: int):
         self.logits, self.experts, self.weights, self.seq_len = logits, experts, weights, seq_len
@@ -500,11 +501,9 @@ class ExpertChoiceRouting(VMoERouting):
         rows = tokens.index_select(0, self.token_index)  # (R, H), expert-major
         if dispatch_dtype is not None:
             out = rounded_experts(experts, rows, self.expert_index, self.weights, dispatch_dtype)
-        elif experts.config._experts_implementation in GROUPED_BACKENDS:  # each expert's rows as one group
-            num_experts = experts.num_experts
-            expert_ids = torch.arange(num_experts, device=rows.device).unsqueeze(1)  # (E, 1)
-            ones = torch.ones(expert_ids.shape, dtype=rows.dtype, device=rows.device)
-            out = experts(rows.view(num_experts, -1, rows.shape[-1]), expert_ids, ones).view(rows.shape)
+        elif experts.config._experts_implementation in GROUPED_BACKENDS and (
+                experts.num_experts == self.logits.shape[-1]):  # every expert local (not sharded)
+            out = experts.forward_per_expert(rows.view(experts.num_experts, -1, rows.shape[-1])).view(rows.shape)
             out = out * self.weights.to(out.dtype)
         else:
             out = experts(rows, self.expert_index, self.weights)
@@ -546,13 +545,15 @@ class SoftRouting(VMoERouting):
         else:
             tokens, dispatch, combine = tokens.to(dispatch_dtype).float(), dispatch.float(), combine.float()
         slots = torch.einsum("bsn,bsh->nbh", dispatch, tokens)  # (E * P, B, H): slot-major, so expert-major
-        num_slots_total, num_experts = slots.shape[0], experts.num_experts
+        num_slots_total = slots.shape[0]
+        num_experts = num_slots_total // self.num_slots  # all of them (under expert parallelism too)
         rows = slots.to(hidden_states.dtype).reshape(num_experts, -1, hidden)  # (E, P * B, H): each expert's slots
-        expert_ids = torch.arange(num_experts, device=slots.device).unsqueeze(1)  # (E, 1)
-        if experts.config._experts_implementation not in GROUPED_BACKENDS:  # one row per slot
-            rows, expert_ids = rows.reshape(-1, hidden), expert_ids.repeat_interleave(rows.shape[1], dim=0)
-        ones = torch.ones(expert_ids.shape, dtype=hidden_states.dtype, device=slots.device)
-        out = experts(rows, expert_ids, ones)
+        if experts.config._experts_implementation in GROUPED_BACKENDS and experts.num_experts == num_experts:
+            out = experts.forward_per_expert(rows)
+        else:  # through the experts interface, one row per slot
+            expert_ids = torch.arange(num_experts, device=slots.device).repeat_interleave(rows.shape[1]).unsqueeze(1)
+            ones = torch.ones(expert_ids.shape, dtype=hidden_states.dtype, device=slots.device)
+            out = experts(rows.reshape(-1, hidden), expert_ids, ones)
         if dispatch_dtype is not None:
             out = out.to(dispatch_dtype).float()
         out = out.view(num_slots_total, batch, hidden)
@@ -652,30 +653,6 @@ class VMoERouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_outputs or config.num_experts, config.hidden_size,
                                                dtype=torch.float32))
 
-    def compute_logits(self, items: torch.Tensor) -> torch.Tensor:
-        """float32 logits, also under autocast. (Each call and cast skipped when it would do nothing: at batch 1 an
-        inference forward is a chain of small ops, each costing 10-20 us on a CPU.)"""
-        items = items if items.dtype == torch.float32 else items.float()
-        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        if torch.is_autocast_enabled(items.device.type):
-            with torch.autocast(device_type=items.device.type, enabled=False):
-                return F.linear(items, weight)
-        return F.linear(items, weight)
-
-    def add_noise(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gaussian noise of std `router_noise_std`, in training only."""
-        if self.training and self.config.router_noise_std > 0:
-            return logits + torch.randn_like(logits) * self.config.router_noise_std
-        return logits
-
-    def capacity_factor(self) -> float | None:
-        return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-
-    def groups(self, num_items: int) -> tuple[int, int, int]:
-        """The routing groups of `num_items` routed items: `(G, n, r)`, G full groups of n items, then (r > 0) a
-        last group of r items (`router_group_size`, `router_group_remainder`)."""
-        return routing_groups(num_items, self.config)
-
     # What FLOP / parameter counting and group padding ask of a router type (class methods: no instance needed).
     # The defaults describe a router that sends each token to k experts through one linear layer.
 
@@ -738,7 +715,8 @@ class VMoETopKRouter(VMoERouter):
             logits = F.linear(items.float(), self.weight.float())  # (N, E)
         seq_len = hidden_states.shape[1] if self.image_level else None
         # static shapes first: testing the batch size under export would specialise the batch dimension
-        if self.image_level and not (_static_shapes() or torch.is_grad_enabled()) and logits.shape[0] == 1:
+        if self.image_level and not (self.training or _static_shapes() or torch.is_grad_enabled()) and (
+                logits.shape[0] == 1):
             plan = self.route_one_image(logits, seq_len)
             if plan is not None:
                 return logits, plan
@@ -767,10 +745,10 @@ class VMoETopKRouter(VMoERouter):
         return config.eval_capacity_factor is not None or record  # dropless top-k without losses: per item
 
     def route_one_image(self, logits: torch.Tensor, seq_len: int) -> OneImageRouting | None:
-        """CPU inference of one image: the top-k of its (1, E) logits taken on the host (`OneImageRouting`); None
-        elsewhere, and at a tie that torch.topk must break."""
-        # static shapes first: testing the batch size under export would specialise the batch dimension
-        if _static_shapes() or torch.is_grad_enabled() or logits.shape[0] != 1 or logits.device.type != "cpu":
+        """Inference on one image on a CPU (the caller checks eval mode, no gradients, batch 1): the top-k of its
+        (1, E) logits taken on the host (`OneImageRouting`); None on another device, and at a tie that torch.topk
+        must break."""
+        if logits.device.type != "cpu":
             return None
         if self.e_score_correction_bias is None:
             plan = host_top_k(logits.tolist()[0], self.top_k, self.config.normalize_router_weights)
@@ -874,14 +852,17 @@ class VMoEExpertChoiceRouter(VMoERouter):
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
         items = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
-        logits = self.compute_logits(items)  # (N, E)
-        gates = self.add_noise(logits).softmax(dim=-1)
+        with torch.autocast(items.device.type, enabled=False):  # float32 logits, also under autocast
+            logits = F.linear(items.float(), self.weight.float())  # (N, E)
+        noise_std = self.config.router_noise_std if self.training else 0.0
+        gates = (logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits).softmax(dim=-1)
         num_items, num_experts = gates.shape
-        factor = self.capacity_factor() or self.config.capacity_factor or 1.0
+        factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        factor = factor or self.config.capacity_factor or 1.0
         if self.config.router_group_size is None and not self.training:
             grouping = (hidden_states.shape[0], hidden_states.shape[1], 0)  # each image alone
         else:
-            grouping = self.groups(num_items)
+            grouping = routing_groups(num_items, self.config)
         token_parts, weight_parts, start = [], [], 0
         for part in group_parts(gates, grouping):  # (g, n, E); a last partial group: its own C
             groups, group_size, _ = part.shape
@@ -939,12 +920,10 @@ class VMoESoftRouter(VMoERouter):
         return config.num_experts * config.num_slots * config.hidden_size + 1  # mu and the scale
 
     def forward(self, hidden_states: torch.Tensor, superclass_labels: torch.Tensor | None = None):
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-                logits = self.slot_logits(hidden_states)
-        else:
+        with torch.autocast(hidden_states.device.type, enabled=False):  # float32 logits, also under autocast
             logits = self.slot_logits(hidden_states)
-        noisy = self.add_noise(logits)
+        noise_std = self.config.router_noise_std if self.training else 0.0
+        noisy = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
         plan = SoftRouting(logits, noisy.softmax(dim=1), noisy.softmax(dim=2), self.config.num_slots)
         return logits.reshape(-1, logits.shape[-1]), plan
 
@@ -1078,8 +1057,9 @@ class VMoEExperts(nn.Module):
     image fast path, `vmoe_cpu_experts_forward`), transformers' `batched_mm` and `grouped_mm`.
 
     The inputs are rows `(R, H)` with their assignments `(R, k)`, or, for `eager` and `vmoe_cpu`
-    (`GROUPED_BACKENDS`), groups of rows that share their assignments, `(G, n, H)` with `(G, k)`: whole images
-    (image routing) or each expert's rows (expert choice, Soft MoE)."""
+    (`GROUPED_BACKENDS`), groups of rows that share their assignments, `(G, n, H)` with `(G, k)`: whole images (image
+    routing). Expert choice and Soft MoE, which give every expert the same number of rows, call
+    `forward_per_expert` with those backends."""
 
     def __init__(self, config: VMoEConfig):
         super().__init__()
@@ -1099,13 +1079,14 @@ class VMoEExperts(nn.Module):
 
         Assignments are sorted by expert once; each expert runs one matmul pair on exactly its rows and adds its
         weighted output in ascending expert order (a fixed sum order). One host sync (the per-expert counts). When
-        one expert takes every row, it runs on the input as is; rows already grouped by expert in equal numbers
-        (expert choice, Soft MoE) run as one batched matmul per projection. Groups under tracing / torch.compile /
-        torch.export (static shapes) gather each group's expert weights instead; token rows under torch.compile
+        one expert takes every row, it runs on the input as is. Groups under tracing / torch.compile / torch.export
+        (static shapes), and one group on an accelerator, gather each group's expert weights instead; token rows under torch.compile
         (no data-dependent loops) go to transformers' `grouped_mm` path, which computes the same."""
         shape = hidden_states.shape
         if hidden_states.ndim == 3:  # groups: one row per token, with its group's assignments
-            if _static_shapes():  # before any test of the batch size, which would specialise an exported batch dim
+            # static shapes first: testing the batch size under export would specialise the batch dimension; one
+            # image on an accelerator gathers its experts' weights too, so nothing waits for the device
+            if _static_shapes() or (hidden_states.device.type != "cpu" and shape[0] == 1):
                 return self._forward_gathered(hidden_states, top_k_index, top_k_weights)
             hidden_states = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
             top_k_index = top_k_index.repeat_interleave(shape[1], dim=0)  # (B * S, k)
@@ -1125,12 +1106,6 @@ class VMoEExperts(nn.Module):
             hidden = self.act_fn(F.linear(hidden_states, self.up_proj[expert_idx], self.up_proj_bias[expert_idx]))
             out = F.linear(hidden, self.down_proj[expert_idx], self.down_proj_bias[expert_idx]) * weights
             return out.view(shape)
-        grouped = top_k == 1 and min(counts) * self.num_experts == num_rows  # equal counts; in expert order?
-        if grouped and bool((flat_index[1:] >= flat_index[:-1]).all()):
-            rows = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])  # (E, R / E, H)
-            hidden = self.act_fn(torch.baddbmm(self.up_proj_bias.unsqueeze(1), rows, self.up_proj.transpose(1, 2)))
-            out = torch.baddbmm(self.down_proj_bias.unsqueeze(1), hidden, self.down_proj.transpose(1, 2))
-            return (out.view(hidden_states.shape) * weights).view(shape)
         with torch.no_grad():
             order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, row order inside
             row_of = order // top_k
@@ -1156,6 +1131,12 @@ class VMoEExperts(nn.Module):
                 out.index_add_(0, rows, current)
             start = end
         return out.view(shape)
+
+    def forward_per_expert(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows, the same number for each: (E, n, H) -> (E, n, H), one batched matmul per
+        projection, static shapes (expert choice and Soft MoE with the `eager` and `vmoe_cpu` backends)."""
+        hidden = self.act_fn(torch.baddbmm(self.up_proj_bias.unsqueeze(1), hidden_states, self.up_proj.transpose(1, 2)))
+        return torch.baddbmm(self.down_proj_bias.unsqueeze(1), hidden, self.down_proj.transpose(1, 2))
 
     def infer_one_image(self, hidden_states: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
         """One image (1, S, H) through its experts at inference, on a CPU: two `addmm` per expert on its cached
@@ -1190,12 +1171,12 @@ class VMoEExperts(nn.Module):
         return super()._apply(fn, recurse)
 
     def _forward_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                                 top_k_weights: torch.Tensor) -> torch.Tensor:
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
         """Static shapes: one `baddbmm` pair per slot on each group's gathered expert weights (G, n, H) -> (G, n, H)."""
         weights = top_k_weights.to(hidden_states.dtype)
         out = None
         for slot in range(top_k_index.shape[1]):
-            idx = top_k_index[:, slot]  # (B,)
+            idx = top_k_index[:, slot]  # (G,)
             h = torch.baddbmm(self.up_proj_bias[idx].unsqueeze(1), hidden_states, self.up_proj[idx].transpose(1, 2))
             down, down_bias = self.down_proj[idx].transpose(1, 2), self.down_proj_bias[idx].unsqueeze(1)
             h = torch.baddbmm(down_bias, self.act_fn(h), down) * weights[:, slot, None, None]
@@ -1208,13 +1189,16 @@ def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top
     """The `vmoe_cpu` experts implementation, hf_vmoe's default on CPU: `eager`, except for one whole image at
     inference (image routing at batch 1, the on-device workload), where the host reads the image's k expert ids and
     `infer_one_image` runs them on its tokens as they are. Switched off (`eager`) it costs 1-2% at batch 1."""
+    if not hasattr(self, "infer_one_image"):
+        raise ValueError(f"experts_implementation='vmoe_cpu' is hf_vmoe's, for VMoEExperts; got {type(self).__name__}")
     if (hidden_states.ndim != 3 or torch.is_grad_enabled() or _static_shapes() or hidden_states.shape[0] != 1
             or hidden_states.device.type != "cpu"):
-        return VMoEExperts.forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)  # eager
     return self.infer_one_image(hidden_states, top_k_index.tolist()[0], top_k_weights.tolist()[0])
 
 
-ALL_EXPERTS_FUNCTIONS.register("vmoe_cpu", vmoe_cpu_experts_forward)
+if "vmoe_cpu" not in ALL_EXPERTS_FUNCTIONS:  # once, also when this file is imported again as remote code
+    ALL_EXPERTS_FUNCTIONS.register("vmoe_cpu", vmoe_cpu_experts_forward)
 
 
 class VMoESparseMoeBlock(nn.Module):
@@ -1297,8 +1281,9 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
     is per routing group; without a group size it routes each image alone at inference) and for
     `router_group_remainder="pad"`, whose padding images run every block (their share is counted, spread over the
     real images; they skip the classifier). Training groups expert choice's tokens over the batch when no group size
-    is set; this counts inference's per-image groups (the capacities differ only by rounding). Soft MoE's L2 normalisations and scale are elementwise, like layer
-    norms: not counted; its router is the (tokens x H) by (H x E * P) logits matmul."""
+    is set; this counts inference's per-image groups (the capacities differ only by rounding). Soft MoE's L2
+    normalisations and scale are elementwise, like layer norms: not counted; its router is the (tokens x H) by
+    (H x E * P) logits matmul."""
     h, c = config.hidden_size, config.num_channels
     ph, pw = to_pair(config.patch_size)
     ih, iw = to_pair(image_size if image_size is not None else config.image_size)
