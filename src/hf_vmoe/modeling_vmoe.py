@@ -381,13 +381,13 @@ class TopKRouting(VMoERouting):
 
     def apply(self, experts, hidden_states, dispatch_dtype=None):
         index, weights = self.top_k_index, self.top_k_weights
-        grouped = experts.config._experts_implementation in GROUPED_BACKENDS
-        if self.seq_len is not None and dispatch_dtype is None and grouped:
+        images = self.seq_len is not None
+        if images and dispatch_dtype is None and experts.config._experts_implementation in GROUPED_BACKENDS:
             return experts(hidden_states, index, weights)  # whole images: (B, S, H) with one (k,) row per image
         shape = hidden_states.shape
         rows = hidden_states.reshape(-1, shape[-1])  # (B * S, H)
         kept = None
-        if self.seq_len is not None:  # every token of an image goes to the image's experts (capacity: weight zero)
+        if images:  # every token of an image goes to the image's experts (capacity: weight zero)
             index, weights = index.repeat_interleave(shape[1], dim=0), weights.repeat_interleave(shape[1], dim=0)
         elif self.keep is not None:
             # only tokens with a kept assignment reach the experts (the residual carries the others); a dropped
