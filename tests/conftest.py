@@ -50,6 +50,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _router_registry():
+    """Routers a test (or a documented example) registers stay in that test."""
+    from hf_vmoe.configuration_vmoe import ROUTER_LEVELS
+    from hf_vmoe.modeling_vmoe import ROUTER_CLASSES
+
+    saved = dict(ROUTER_CLASSES), dict(ROUTER_LEVELS)
+    yield
+    for registry, before in zip((ROUTER_CLASSES, ROUTER_LEVELS), saved):
+        registry.clear()
+        registry.update(before)
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not REAL_DATA.is_dir():

@@ -567,3 +567,35 @@ def test_all_routing_combinations_build_for_all_heads():
         out = model(pixels(2), labels=torch.tensor([0, 1]))
         out.loss.backward()
         assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("router_type", ["top_k", "expert_choice"])
+def test_group_padding_returns_the_real_images_of_the_padded_batch(router_type):
+    """`router_group_remainder="pad"`: 3 images in groups of 2 images' tokens run as 4 (one all-zero image), and
+    every per-image output (hidden states, attentions, router logits, feature maps) is the padded run's first 3."""
+    options = dict(routing_level="token", router_type=router_type, capacity_factor=1.0, router_group_size=2 * 17,
+                   router_group_remainder="pad", moe_layers=(1, 3))
+    config = tiny_config(**options)
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    padded = torch.cat([x, torch.zeros(1, 3, 32, 32)])
+    flags = dict(output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    model = VMoEModel(config).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ours, theirs = model(x, **flags), model(padded, **flags)
+    assert ours.last_hidden_state.shape[0] == 3
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state[:3])
+    torch.testing.assert_close(ours.pooler_output, theirs.pooler_output[:3])
+    for name, per_image in (("hidden_states", 1), ("attentions", 1), ("router_logits", 17)):
+        assert len(ours[name]) == len(theirs[name]) > 0
+        for a, b in zip(ours[name], theirs[name]):
+            torch.testing.assert_close(a, b[: 3 * per_image])
+    torch.testing.assert_close(ours.aux_loss, theirs.aux_loss)  # the losses include the padding
+    backbone = VMoEBackbone(tiny_config(**options, out_features=["stage2", "stage4"])).eval()
+    backbone.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        ours, theirs = backbone(x), backbone(padded)
+    assert [m.shape[0] for m in ours.feature_maps] == [3, 3]
+    for a, b in zip(ours.feature_maps, theirs.feature_maps):
+        torch.testing.assert_close(a, b[:3])

@@ -17,10 +17,11 @@ interface) and brings their outputs back, so the MoE block runs any plan without
 logits are recorded by transformers' output capture (`_can_record_outputs`), so layers return hidden states only.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, wraps
 
 import torch
 import torch.nn.functional as F
@@ -148,8 +149,61 @@ class VMoEPatchEmbeddings(nn.Module):
         self.num_patches = (self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, self.patch_size, stride=self.patch_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        check_pixel_values(pixel_values, self.num_channels, self.image_size, self.patch_size, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+def check_pixel_values(pixel_values, num_channels: int, image_size: tuple[int, int], patch_size: tuple[int, int],
+                       interpolate_pos_encoding: bool) -> None:
+    """Raise a `ValueError` naming what is wrong with `pixel_values` (type, rank, channels, dtype, size)."""
+    if pixel_values is None:
+        raise ValueError("pixel_values is required")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must be 4D (batch, {num_channels}, height, width), got shape {tuple(pixel_values.shape)}"
+        )
+    batch, channels, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError(f"pixel_values is an empty batch: shape {tuple(pixel_values.shape)}")
+    if channels != num_channels:
+        raise ValueError(
+            f"pixel_values has {channels} channels but the model expects {num_channels}: "
+            f"expected shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor (normalised pixels), got dtype {pixel_values.dtype}; "
+            "run the image processor first"
+        )
+    if interpolate_pos_encoding:
+        if height % patch_size[0] or width % patch_size[1]:
+            raise ValueError(
+                f"Input image size ({height}x{width}) must be divisible by the patch size "
+                f"{patch_size[0]}x{patch_size[1]}"
+            )
+    elif (height, width) != image_size:
+        raise ValueError(
+            f"Input image size ({height}x{width}) doesn't match the model ({image_size[0]}x{image_size[1]}); "
+            "pass interpolate_pos_encoding=True to run at another resolution"
+        )
+
+
+def check_finite(pixel_values: torch.Tensor, embeddings: torch.Tensor) -> None:
+    """NaN / inf pixels raise. Every pixel reaches a patch embedding (the image size is a multiple of the patch
+    size), so one sum of the (smaller) embeddings finds them; only then are the pixels counted. Skipped under
+    tracing / compile / export, where a data-dependent check cannot run."""
+    if _static_shapes() or math.isfinite(embeddings.sum(dtype=torch.float32).item()):
+        return
+    bad = int((~torch.isfinite(pixel_values)).sum())
+    if bad:
+        raise ValueError(
+            f"pixel_values contains {bad} NaN or infinite values (of {pixel_values.numel()}); "
+            "the router would send such images to arbitrary experts and every output would be NaN"
+        )
 
 
 class VMoEEmbeddings(nn.Module):
@@ -186,9 +240,10 @@ class VMoEEmbeddings(nn.Module):
         patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = False) -> torch.Tensor:
+        embeddings = self.patch_embeddings(pixel_values, bool(interpolate_pos_encoding))  # checks the pixels
+        check_finite(pixel_values, embeddings)
         batch_size, _, height, width = pixel_values.shape
-        embeddings = self.patch_embeddings(pixel_values)
         if self.cls_token is not None:
             cls_tokens = self.cls_token.expand(batch_size, -1, -1)
             embeddings = torch.cat((cls_tokens, embeddings), dim=1)
@@ -1327,6 +1382,47 @@ def flop_breakdown(config: VMoEConfig, image_size=None, batch_size: int = 1, hea
 # --------------------------------------------------------------------------------------------------------------
 
 
+PER_IMAGE_FIELDS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions", "feature_maps",
+                    "router_logits")
+
+
+def pad_to_routing_groups(forward: Callable) -> Callable:
+    """V-MoE's evaluator for `router_group_remainder="pad"`: at inference, all-zero images fill the batch to whole
+    routing groups (`group_padding`) and the outputs keep the real images only (the routing losses and counts include
+    the padding). Wraps the `forward` of a model that owns `embeddings` and `encoder`."""
+    signature = inspect.signature(forward)
+
+    @wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if self.training or self.config.router_group_size is None:
+            return forward(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        pixel_values = arguments.get("pixel_values")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            return forward(self, *args, **kwargs)  # the embeddings name the bad input
+        record = self.records_routing(arguments.get("compute_routing_loss"), arguments.get("superclass_labels"),
+                                      arguments.get("kwargs", {}).get("output_router_logits"))
+        patch = self.embeddings.patch_size
+        batch, _, height, width = pixel_values.shape
+        tokens = (height // patch[0]) * (width // patch[1]) + self.embeddings.num_prefix_tokens
+        padding = group_padding(self.config, batch, tokens, record)
+        if not padding:
+            return forward(self, *args, **kwargs)
+        arguments["pixel_values"] = torch.cat([pixel_values, pixel_values.new_zeros(padding, *pixel_values.shape[1:])])
+        outputs = forward(*bound.args, **bound.kwargs)
+        images = batch + padding
+        for name in PER_IMAGE_FIELDS:
+            value = outputs.get(name)
+            if isinstance(value, tuple):
+                outputs[name] = tuple(v[: v.shape[0] // images * batch] for v in value)
+            elif value is not None:
+                outputs[name] = value[:batch]
+        return outputs
+
+    return wrapper
+
+
 class VMoECheckpointMismatchError(RuntimeError, ValueError):
     """A checkpoint that does not fit the model (shapes or missing weights). A `RuntimeError` like transformers'
     size-mismatch error, and a `ValueError` for code that treats it as bad input."""
@@ -1495,110 +1591,26 @@ class VMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VMoELayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 
-    def _validate_pixel_values(self, pixel_values, interpolate_pos_encoding):
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
-        if not isinstance(pixel_values, torch.Tensor):
-            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must be 4D (batch, {self.config.num_channels}, height, width), "
-                f"got shape {tuple(pixel_values.shape)}"
-            )
-        batch, channels, height, width = pixel_values.shape
-        if batch == 0:
-            raise ValueError(f"pixel_values is an empty batch: shape {tuple(pixel_values.shape)}")
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels but the model expects {self.config.num_channels}: "
-                f"expected shape (batch, {self.config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"pixel_values must be a floating-point tensor (normalised pixels), got dtype {pixel_values.dtype}; "
-                "run the image processor first"
-            )
-        image_size = to_pair(self.config.image_size)
-        patch = to_pair(self.config.patch_size)
-        if interpolate_pos_encoding:
-            if height % patch[0] or width % patch[1]:
-                raise ValueError(
-                    f"Input image size ({height}x{width}) must be divisible by the patch size {patch[0]}x{patch[1]}"
-                )
-        elif (height, width) != image_size:
-            raise ValueError(
-                f"Input image size ({height}x{width}) doesn't match the model ({image_size[0]}x{image_size[1]}); "
-                "pass interpolate_pos_encoding=True to run at another resolution"
-            )
-
-    @staticmethod
-    def _check_finite(pixel_values: torch.Tensor, embeddings: torch.Tensor) -> None:
-        """NaN / inf pixels raise. Every pixel reaches a patch embedding (the image size is a multiple of the patch
-        size), so one sum of the (smaller) embeddings finds them; only then are the pixels counted. Skipped under
-        tracing / compile / export, where a data-dependent check cannot run."""
-        if _static_shapes() or math.isfinite(embeddings.sum(dtype=torch.float32).item()):
-            return
-        bad = int((~torch.isfinite(pixel_values)).sum())
-        if bad:
-            raise ValueError(
-                f"pixel_values contains {bad} NaN or infinite values (of {pixel_values.numel()}); "
-                "the router would send such images to arbitrary experts and every output would be NaN"
-            )
-
-    def _encode(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool | None,
-        superclass_labels: torch.Tensor | None,
-        compute_routing_loss: bool | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[VMoEEncoderOutput, dict]:
-        """Embeddings + encoder (of a model that owns `embeddings` and `encoder`), and the routing fields of the
-        outputs. The plans are recorded, and the aux loss and statistics computed, only when the model trains,
-        gets labels (`compute_routing_loss`), super-class labels or `output_router_logits`."""
-        self._validate_pixel_values(pixel_values, interpolate_pos_encoding)
-        images = pixel_values
-        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        pixel_values = pixel_values if pixel_values.dtype == dtype else pixel_values.to(dtype)
-        output_router_logits = kwargs.get("output_router_logits")
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
+    def records_routing(self, compute_routing_loss: bool | None, superclass_labels: torch.Tensor | None,
+                        output_router_logits: bool | None) -> bool:
+        """Whether a forward records the routing plans, for the aux loss and statistics: when the model trains, gets
+        labels (`compute_routing_loss`), super-class labels or `output_router_logits`."""
         if compute_routing_loss is None:
             compute_routing_loss = self.training
-        record = self.config.is_moe and bool(
-            compute_routing_loss or output_router_logits or superclass_labels is not None
-        )
-        batch_size = pixel_values.shape[0]
-        padding = self._group_padding(pixel_values, record)
-        if padding:  # V-MoE's evaluator: all-zero examples fill the last batch
-            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(padding, *pixel_values.shape[1:])])
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        self._check_finite(images, embeddings)
-        encoded = self.encoder(embeddings, superclass_labels=superclass_labels, output_routings=record, **kwargs)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        return self.config.is_moe and bool(compute_routing_loss or output_router_logits or superclass_labels is not None)
+
+    def routing_outputs(self, encoder_outputs: VMoEEncoderOutput, superclass_labels: torch.Tensor | None) -> dict:
+        """The routing fields of the outputs: the router logits when asked for, and the aux loss and statistics of
+        the plans when they were recorded (`vmoe_routing_loss`); a balancing router learns this forward's loads."""
         routing = dict.fromkeys(ROUTING_FIELDS)
-        if record:
-            routing.update(vmoe_routing_loss(encoded.routings, self.config, superclass_labels))
+        routing["router_logits"] = encoder_outputs.router_logits
+        if encoder_outputs.routings:
+            routing.update(vmoe_routing_loss(encoder_outputs.routings, self.config, superclass_labels))
             if self.training and self.config.router_bias_update_rate:  # counts of this forward, not of a recompute
                 _record_router_loads(self.encoder, routing["expert_counts"])
-        routing["router_logits"] = encoded.router_logits if output_router_logits else None
-        if padding:  # the outputs of the real images only (the routing losses and counts include the padding)
-            tokens = batch_size * embeddings.shape[1]
-            encoded.last_hidden_state = encoded.last_hidden_state[:batch_size]
-            for name in ("hidden_states", "attentions"):
-                if getattr(encoded, name) is not None:
-                    setattr(encoded, name, tuple(h[:batch_size] for h in getattr(encoded, name)))
-            if routing["router_logits"] is not None:
-                routing["router_logits"] = tuple(logits[:tokens] for logits in routing["router_logits"])
-        return encoded, routing
-
-    def _group_padding(self, pixel_values: torch.Tensor, record: bool) -> int:
-        """`group_padding` for this batch (none in training; the common case returns before any arithmetic)."""
-        if self.training or self.config.router_group_size is None:
-            return 0
-        patch = to_pair(self.config.patch_size)
-        batch, _, height, width = pixel_values.shape
-        tokens = (height // patch[0]) * (width // patch[1]) + self.embeddings.num_prefix_tokens
-        return group_padding(self.config, batch, tokens, record)
+        return routing
 
 
 class VMoEEncoder(VMoEPreTrainedModel):
@@ -1649,6 +1661,7 @@ class VMoEModel(VMoEPreTrainedModel):
         return self.embeddings.patch_embeddings
 
     @can_return_tuple
+    @pad_to_routing_groups
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1665,22 +1678,24 @@ class VMoEModel(VMoEPreTrainedModel):
             Compute `aux_loss` and the routing statistics. None: when training (and whenever `output_router_logits`
             or `superclass_labels` are given). The heads pass True with labels.
         """
-        encoded, routing = self._encode(
-            pixel_values, interpolate_pos_encoding, superclass_labels, compute_routing_loss, **kwargs
+        record = self.records_routing(compute_routing_loss, superclass_labels, kwargs.get("output_router_logits"))
+        embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        encoder_outputs = self.encoder(
+            embedding_output, superclass_labels=superclass_labels, output_routings=record, **kwargs
         )
-        sequence_output = self.layernorm(encoded.last_hidden_state)
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
         if self.config.pooling == "cls":
-            pooled = sequence_output[:, 0]
+            pooled_output = sequence_output[:, 0]
         elif self.config.pooling == "mean":
-            pooled = sequence_output[:, self.embeddings.num_prefix_tokens:].mean(dim=1)
+            pooled_output = sequence_output[:, self.embeddings.num_prefix_tokens:].mean(dim=1)
         else:
-            pooled = torch.cat([sequence_output[:, 0], sequence_output[:, 1:].mean(dim=1)], dim=-1)
+            pooled_output = torch.cat([sequence_output[:, 0], sequence_output[:, 1:].mean(dim=1)], dim=-1)
         return VMoEModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-            **routing,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+            **self.routing_outputs(encoder_outputs, superclass_labels),
         )
 
 
@@ -1852,6 +1867,7 @@ class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
         return self.embeddings.patch_embeddings
 
     @can_return_tuple
+    @pad_to_routing_groups
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1866,9 +1882,9 @@ class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        encoded, routing = self._encode(
-            pixel_values, interpolate_pos_encoding, None, compute_routing_loss, output_hidden_states=True, **kwargs
-        )
+        record = self.records_routing(compute_routing_loss, None, kwargs.get("output_router_logits"))
+        embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        encoded = self.encoder(embedding_output, output_routings=record, output_hidden_states=True, **kwargs)
         batch_size, _, height, width = pixel_values.shape
         patch = self.embeddings.patch_size
         feature_maps = ()
@@ -1885,7 +1901,7 @@ class VMoEBackbone(BackboneMixin, VMoEPreTrainedModel):
             feature_maps=feature_maps,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
             attentions=encoded.attentions,
-            **routing,
+            **self.routing_outputs(encoded, None),
         )
 
 
