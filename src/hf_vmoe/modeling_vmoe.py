@@ -464,11 +464,12 @@ class TopKRouting(VMoERouting):
         of variation of the per-expert probability mass) and, trained with noise, V-MoE load (`vmoe_load_loss`)."""
         logits, num_experts = self.logits, config.num_experts
         loss = z_loss(logits, config)
-        groups = (1, logits.shape[0], 0) if self.seq_len else routing_groups(logits.shape[0], config)
-        probs = group_parts(logits.softmax(dim=-1), groups)  # [(G, n, E)]: the full groups, a last partial one
+        size = None if self.seq_len else config.router_group_size  # image routing: one group of the batch
+        groups = (size, config.router_group_remainder)
+        probs = group_parts(logits.softmax(dim=-1), *groups)  # [(G, n, E)]: the full groups, a last partial one
         if config.router_aux_loss_coef:
             assigned = F.one_hot(self.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-            fraction = [a.mean(dim=1) / self.top_k_index.shape[1] for a in group_parts(assigned, groups)]
+            fraction = [a.mean(dim=1) / self.top_k_index.shape[1] for a in group_parts(assigned, *groups)]
             switch = torch.cat([num_experts * (f * p.mean(dim=1)).sum(dim=-1) for f, p in zip(fraction, probs)])
             loss = loss + config.router_aux_loss_coef * switch.mean()
         if config.router_importance_loss_coef:
@@ -477,7 +478,7 @@ class TopKRouting(VMoERouting):
             loss = loss + config.router_importance_loss_coef * cv2.mean()
         if config.router_load_loss_coef and self.noisy_logits is not None:
             load = torch.cat([vmoe_load_loss(clean, rough, self.top_k_index.shape[1], config.router_noise_std)
-                              for clean, rough in zip(group_parts(logits, groups), group_parts(self.noisy_logits, groups))])
+                              for clean, rough in zip(group_parts(logits, *groups), group_parts(self.noisy_logits, *groups))])
             loss = loss + config.router_load_loss_coef * load.mean()
         return loss
 
@@ -636,23 +637,6 @@ def expert_capacity(num_items: int, factor: float, num_experts: int, multiple_of
     return capacity
 
 
-def routing_groups(num_items: int, config: VMoEConfig) -> tuple[int, int, int]:
-    """`(G, n, r)`: the `num_items` routed tokens of a batch in G full groups of n = `router_group_size` items
-    (consecutive in batch order), then, when r > 0, a last group of the r remaining items
-    (`router_group_remainder="partial"`). None = one group of every item."""
-    size = config.router_group_size
-    if size is None:
-        return 1, num_items, 0
-    groups, rest = divmod(num_items, size)
-    if rest and config.router_group_remainder != "partial":
-        hint = (" (router_group_remainder='pad' pads at inference only; a training batch must fill whole groups)"
-                if config.router_group_remainder == "pad" else " (or set router_group_remainder='partial' or 'pad')")
-        raise ValueError(
-            f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}{hint}"
-        )
-    return groups, size, rest
-
-
 def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, record: bool = False) -> int:
     """Images of padding for `router_group_remainder="pad"` at inference: the fewest all-zero images that make the
     batch's tokens fill whole routing groups (0 when they do, and when the router says routing groups cannot change
@@ -667,9 +651,19 @@ def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, re
     return -batch_size % (size // math.gcd(size, tokens_per_image))  # whole groups every size / gcd(size, t) images
 
 
-def group_parts(tensor: torch.Tensor, groups: tuple[int, int, int]) -> list[torch.Tensor]:
-    """`(N, ...)` -> the routing groups as `(G, n, ...)` and, for a last partial group, `(1, r, ...)`."""
-    full, size, rest = groups
+def group_parts(tensor: torch.Tensor, group_size: int | None, remainder: str = "error") -> list[torch.Tensor]:
+    """`(N, ...)` -> its routing groups: G full groups of `group_size` consecutive rows (batch order) as
+    `(G, n, ...)` and, when `remainder="partial"` leaves r > 0 rows, a last group `(1, r, ...)` with its own capacity.
+    None: one group of every row."""
+    num_items = tensor.shape[0]
+    size = group_size or num_items
+    full, rest = divmod(num_items, size)
+    if rest and remainder != "partial":
+        hint = (" (router_group_remainder='pad' pads at inference only; a training batch must fill whole groups)"
+                if remainder == "pad" else " (or set router_group_remainder='partial' or 'pad')")
+        raise ValueError(
+            f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}{hint}"
+        )
     parts = [tensor[: full * size].view(full, size, *tensor.shape[1:])] if full else []
     if rest:
         parts.append(tensor[full * size:].view(1, rest, *tensor.shape[1:]))
@@ -862,10 +856,9 @@ class VMoETopKRouter(VMoERouter):
                       ) -> torch.Tensor | None:
         """(N, k) bool, False where an assignment does not fit its expert's buffer of its routing group (capacity
         `factor`); None when nothing is dropped."""
-        num_items = top_k_index.shape[0]
-        groups = routing_groups(num_items, self.config)
+        groups = (self.config.router_group_size, self.config.router_group_remainder)
         keeps, any_drop = [], False
-        for index, weights in zip(group_parts(top_k_index, groups), group_parts(top_k_weights, groups)):
+        for index, weights in zip(group_parts(top_k_index, *groups), group_parts(top_k_weights, *groups)):
             count, size, _ = index.shape  # (g, n, k): g groups of n items (a last partial group: its own capacity)
             capacity = expert_capacity(size * self.top_k, factor, self.num_experts, self.config.capacity_multiple_of)
             if capacity >= size:  # every expert can take every item of its group: nothing can be dropped
@@ -880,7 +873,7 @@ class VMoETopKRouter(VMoERouter):
             return keeps[0]
         return torch.cat([k if k is not None else top_k_index.new_ones(p.shape[0] * p.shape[1], self.top_k,
                                                                       dtype=torch.bool)
-                          for k, p in zip(keeps, group_parts(top_k_index, groups))])
+                          for k, p in zip(keeps, group_parts(top_k_index, *groups))])
 
 
 class VMoEExpertChoiceRouter(VMoERouter):
@@ -914,12 +907,11 @@ class VMoEExpertChoiceRouter(VMoERouter):
         num_items, num_experts = gates.shape
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         factor = factor or self.config.capacity_factor or 1.0
-        if self.config.router_group_size is None and not self.training:
-            grouping = (hidden_states.shape[0], hidden_states.shape[1], 0)  # each image alone
-        else:
-            grouping = routing_groups(num_items, self.config)
+        group_size = self.config.router_group_size
+        if group_size is None and not self.training:
+            group_size = hidden_states.shape[1]  # each image alone
         token_parts, weight_parts, start = [], [], 0
-        for part in group_parts(gates, grouping):  # (g, n, E); a last partial group: its own C
+        for part in group_parts(gates, group_size, self.config.router_group_remainder):  # (g, n, E)
             groups, group_size, _ = part.shape
             capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
             top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
