@@ -1,4 +1,4 @@
-"""The GPU scripts (benchmarks/gpu_check.py, benchmarks/evidence/round2/gpu_train.py) on the CPU: what can be
+"""The GPU scripts (benchmarks/gpu_check.py, benchmarks/evidence/round2/gpu_train.py and round 3's wrapper) on the CPU: what can be
 checked without a GPU (packing, augmentation, one training arm in smoke mode, the refusal without CUDA)."""
 
 import importlib.util
@@ -23,6 +23,7 @@ def load(path: Path):
 
 
 gpu_train = load(ROOT / "benchmarks" / "evidence" / "round2" / "gpu_train.py")
+gpu_train3 = load(ROOT / "benchmarks" / "evidence" / "round3" / "gpu_train.py")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,32 @@ def test_one_dense_arm_trains_and_writes_its_superclasses(packed, tmp_path):
     assert gpu_train.main(moe) == 0
     record = json.loads((tmp_path / "conf-s0.json").read_text())
     assert 0 <= record["router_superclass_accuracy"] <= 1 and abs(sum(record["expert_load"]) - 1) < 1e-3
+
+
+def test_pack_keeps_the_first_images_of_each_class_when_capped(packed, tmp_path):
+    _, images = packed
+    out = tmp_path / "capped.npz"
+    gpu_train.pack(packed[0].parent, out, per_class={"train": 2})  # the fixture's split, 2 training images per class
+    data, classes = gpu_train.load_split(out, smoke=False)
+    kept = sorted(p for p in images if p.parts[-3] == "train" and int(p.stem.rpartition("_")[2]) < 2)
+    x, y = data["train"]
+    assert len(x) == len(kept) == 2 * len(classes)
+    for i, path in enumerate(kept):
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), images[path]), path
+    assert len(data["validation"][0]) == len(classes)  # uncapped splits keep every image
+
+
+def test_round3_run_trains_dense_conf_and_loss_free_arms(packed, tmp_path):
+    """Round 3's wrapper: round 2's runner on its pack with the A3 arms, every arm on every seed (smoke mode)."""
+    out, _ = packed
+    assert gpu_train3.main(["run", "--data", str(out), "--out", str(tmp_path), "--epochs", "1", "--smoke",
+                            "--seeds", "0", "--batch-size", "8", "--budget", "600"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"dense-s0", "conf-s0", "lfb-s0"}
+    assert all(r["complete"] for r in summary.values())
+    assert "minus_dense_points" in summary["lfb-s0"] and "minus_dense_points" in summary["conf-s0"]
+    bias = json.loads((tmp_path / "lfb-s0.json").read_text())["router_bias"]
+    assert len(bias) == 10 and any(b != 0 for b in bias)  # the loss-free bias was updated every step
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

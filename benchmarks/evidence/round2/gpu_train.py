@@ -15,6 +15,10 @@ and augmented there, a plain training loop instead of the Trainer.
     device:  python benchmarks/evidence/round2/gpu_train.py run --out $OUT/gpu_a   (carry runs/gpu_data)
     smoke:   python benchmarks/evidence/round2/gpu_train.py run --smoke --out /tmp/gpu_smoke      # CPU, seconds
 
+Round 3 reuses this script (`../round3/gpu_train.py`): its own pack (`pack(..., per_class=...)`) and the arms
+`--moe-arms conf,lfb` on every seed (`lfb`: the learned router with loss-free balancing, its bias updated after
+each optimizer step by `update_router_biases`).
+
 `pack` stores the split's JPEGs losslessly re-encoded with `jpegtran -optimize -copy none` (same pixels, 17% fewer
 bytes: the run tool carries at most 64 MiB) in one uncompressed `.npz`. `run` trains the dense arms of every seed at
 once (one process each), builds each seed's super-classes from its dense model's soft confusion matrix on the
@@ -42,9 +46,10 @@ PACK = ROOT / "runs" / "gpu_data" / "tin200.npz"
 SPLITS = ("train", "heldout", "validation")
 
 
-def pack(evd2: Path, out: Path = PACK) -> None:
+def pack(evd2: Path, out: Path = PACK, per_class: dict | None = None) -> None:
     """The split's JPEGs, losslessly re-encoded, concatenated into one uncompressed `.npz` (a zip of 30,000 small
-    files spends 4.5 MiB on its headers) with their offsets, splits, labels and the class names."""
+    files spends 4.5 MiB on its headers) with their offsets, splits, labels and the class names. `per_class`
+    ({split: n}): only the first n images (by file name) of each class of that split."""
     import numpy as np
 
     root = evd2 / "tin200"
@@ -55,7 +60,10 @@ def pack(evd2: Path, out: Path = PACK) -> None:
     lossless = shutil.which("jpegtran") is not None
     blobs, split_ids, labels = [], [], []
     for split_id, split in enumerate(SPLITS):
-        for f in sorted((root / split).glob("*/*.JPEG")):
+        files = sorted((root / split).glob("*/*.JPEG"))
+        if per_class and split in per_class:
+            files = [f for c in classes for f in sorted((root / split / c).glob("*.JPEG"))[: per_class[split]]]
+        for f in files:
             blobs.append(subprocess.run(["jpegtran", "-copy", "none", "-optimize", str(f)], check=True,
                                         capture_output=True).stdout if lossless else f.read_bytes())
             split_ids.append(split_id)
@@ -124,6 +132,8 @@ def build_config(arm: str, classes: list, superclass_ids, smoke: bool):
                         id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)}, **overrides)
     if superclass_ids is not None:
         set_superclasses(config, superclass_ids, train_routing="router")
+    if arm == "lfb":  # the learned router with loss-free balancing and no balancing loss (round 3's A3-moe-lfb)
+        config.router_bias_update_rate, config.router_aux_loss_coef = 1e-3, 0.0
     return config
 
 
@@ -133,7 +143,7 @@ def train(args) -> int:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from hf_vmoe import VMoEForImageClassification
+    from hf_vmoe import VMoEForImageClassification, update_router_biases
     from hf_vmoe.image_processing_vmoe import VMoEImageProcessor
 
     t0 = time.time()
@@ -188,6 +198,7 @@ def train(args) -> int:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            update_router_biases(model)  # loss-free balancing (the lfb arm); nothing for the other arms
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
@@ -203,6 +214,8 @@ def train(args) -> int:
         record["complete"] = True
     acc, experts = evaluate(x_val, y_val)
     record.update(eval_accuracy=acc, train_seconds=round(time.time() - start, 1), wall_seconds=round(time.time() - t0, 1))
+    if config.router_bias_update_rate:  # loss-free balancing: the selection bias it learned
+        record["router_bias"] = [round(float(v), 5) for v in model.vmoe.encoder.router.e_score_correction_bias]
     if experts is not None:
         load = torch.bincount(experts, minlength=config.num_experts).float() / len(experts)
         record["expert_load"] = [round(float(v), 4) for v in load]
@@ -247,7 +260,11 @@ def run(args) -> int:
     wordnet = str(HERE / "wordnet_superclasses.json")
     jobs = [("conf", s, ["--superclasses", str(out / f"superclasses-s{s}.json")]) for s in seeds
             if (out / f"superclasses-s{s}.json").is_file()]
-    jobs += [("wordnet", seeds[0], ["--superclasses", wordnet]), ("learned", seeds[0], [])]
+    if args.moe_arms is None:  # round 2: WordNet super-classes and the learned router on the first seed only
+        jobs += [("wordnet", seeds[0], ["--superclasses", wordnet]), ("learned", seeds[0], [])]
+    else:
+        jobs = [job for job in jobs if "conf" in args.moe_arms.split(",")]
+        jobs += [(arm, s, []) for arm in args.moe_arms.split(",") if arm != "conf" for s in seeds]
     launch([(arm, seed, [*extra, "--deadline", str(deadline)]) for arm, seed, extra in jobs])
     summary = {}
     for f in sorted(out.glob("*-s*.json")):
@@ -258,7 +275,7 @@ def run(args) -> int:
                                                  "router_superclass_accuracy", "expert_load")}
     for s in seeds:
         dense = summary.get(f"dense-s{s}", {}).get("eval_accuracy")
-        for arm in ("conf", "wordnet", "learned"):
+        for arm in ("conf", "wordnet", "learned", "lfb"):
             r = summary.get(f"{arm}-s{s}")
             if r and dense is not None and r["eval_accuracy"] is not None:
                 r["minus_dense_points"] = round(100 * (r["eval_accuracy"] - dense), 2)
@@ -283,8 +300,10 @@ def main(argv=None) -> int:
         if name == "run":
             p.add_argument("--seeds", default="42,43,44")
             p.add_argument("--budget", type=float, default=420, help="seconds for everything")
+            p.add_argument("--moe-arms", default=None,
+                           help="MoE arms run on every seed (e.g. conf,lfb); default: round 2's arms")
         else:
-            p.add_argument("--arm", choices=("dense", "conf", "wordnet", "learned"), required=True)
+            p.add_argument("--arm", choices=("dense", "conf", "wordnet", "learned", "lfb"), required=True)
             p.add_argument("--seed", type=int, required=True)
             p.add_argument("--superclasses", default=None)
             p.add_argument("--deadline", type=float, default=None)
