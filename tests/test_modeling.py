@@ -599,3 +599,14 @@ def test_group_padding_returns_the_real_images_of_the_padded_batch(router_type):
     assert [m.shape[0] for m in ours.feature_maps] == [3, 3]
     for a, b in zip(ours.feature_maps, theirs.feature_maps):
         torch.testing.assert_close(a, b[:3])
+
+
+def test_group_padding_errors_name_the_batch_as_given():
+    model = VMoEModel(tiny_config(routing_level="token", capacity_factor=1.0, router_group_size=2 * 17,
+                                  router_group_remainder="pad", moe_layers=(1, 3))).eval()
+    with pytest.raises(ValueError, match=r"got \(3, 4, 32, 32\)"):
+        model(torch.randn(3, 4, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"1 NaN or infinite values \(of 9216\)"):
+        model(x)

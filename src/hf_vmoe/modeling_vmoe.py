@@ -657,7 +657,7 @@ def group_parts(tensor: torch.Tensor, group_size: int | None, remainder: str = "
     None: one group of every row."""
     num_items = tensor.shape[0]
     size = group_size or num_items
-    full, rest = divmod(num_items, size)
+    full, rest = num_items // size, num_items % size  # not divmod: symbolic sizes under torch.export lack it
     if rest and remainder != "partial":
         hint = (" (router_group_remainder='pad' pads at inference only; a training batch must fill whole groups)"
                 if remainder == "pad" else " (or set router_group_remainder='partial' or 'pad')")
@@ -1391,13 +1391,15 @@ def pad_to_routing_groups(forward: Callable) -> Callable:
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
         pixel_values = arguments.get("pixel_values")
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            return forward(self, *args, **kwargs)  # the embeddings name the bad input
+        embeddings = self.embeddings
+        check_pixel_values(pixel_values, self.config.num_channels, embeddings.image_size, embeddings.patch_size,
+                           bool(arguments.get("interpolate_pos_encoding")))  # errors name the batch as given
+        check_finite(pixel_values, pixel_values)
         record = self.records_routing(arguments.get("compute_routing_loss"), arguments.get("superclass_labels"),
                                       arguments.get("kwargs", {}).get("output_router_logits"))
-        patch = self.embeddings.patch_size
+        patch = embeddings.patch_size
         batch, _, height, width = pixel_values.shape
-        tokens = (height // patch[0]) * (width // patch[1]) + self.embeddings.num_prefix_tokens
+        tokens = (height // patch[0]) * (width // patch[1]) + embeddings.num_prefix_tokens
         padding = group_padding(self.config, batch, tokens, record)
         if not padding:
             return forward(self, *args, **kwargs)

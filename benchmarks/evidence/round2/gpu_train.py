@@ -171,16 +171,17 @@ def train(args) -> int:
 
     def evaluate(x, y):
         model.eval()
-        correct, experts = 0, []
+        correct, experts, counts = 0, [], 0
         with torch.inference_mode(), autocast:
             for i in range(0, len(x), 1000):
                 out = model(pixel_values=(x[i:i + 1000].float() / 255 - mean) / std,
                             output_router_logits=config.is_moe)
                 correct += int((out.logits.argmax(-1) == y[i:i + 1000]).sum())
                 if config.is_moe:
-                    experts.append(out.router_logits[0].float().argmax(-1))
+                    experts.append(out.router_logits[0].float().argmax(-1))  # the router's super-class guess
+                    counts = counts + out.expert_counts[0].float()  # the experts used (the loss-free bias included)
         model.train()
-        return correct / len(x), (torch.cat(experts) if experts else None)
+        return correct / len(x), (torch.cat(experts) if experts else None), counts
 
     record = {"arm": args.arm, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
               "lr": args.lr, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -202,7 +203,7 @@ def train(args) -> int:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        acc, _ = evaluate(x_val, y_val) if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs else (None, None)
+        acc = evaluate(x_val, y_val)[0] if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs else None
         elapsed = time.time() - start
         record["curve"].append({"epoch": epoch + 1, "train_loss": float(loss_sum) / steps_per_epoch,
                                 "eval_accuracy": acc, "seconds": round(elapsed, 1)})
@@ -212,12 +213,12 @@ def train(args) -> int:
             break
     else:
         record["complete"] = True
-    acc, experts = evaluate(x_val, y_val)
+    acc, experts, counts = evaluate(x_val, y_val)
     record.update(eval_accuracy=acc, train_seconds=round(time.time() - start, 1), wall_seconds=round(time.time() - t0, 1))
     if config.router_bias_update_rate:  # loss-free balancing: the selection bias it learned
         record["router_bias"] = [round(float(v), 5) for v in model.vmoe.encoder.router.e_score_correction_bias]
     if experts is not None:
-        load = torch.bincount(experts, minlength=config.num_experts).float() / len(experts)
+        load = counts / counts.sum()
         record["expert_load"] = [round(float(v), 4) for v in load]
         if superclass_ids is not None:
             target = torch.tensor(superclass_ids, device=device)[y_val]
