@@ -27,6 +27,15 @@ def test_upernet_keeps_aux_loss():
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
+def test_router_logits_follow_the_backbone_config_unless_asked():
+    backbone = tiny_config(routing_level="token", moe_layers=(1, 3), output_router_logits=True)
+    model = VMoEUperNetForSemanticSegmentation(vmoe_upernet_config(backbone, hidden_size=16, num_labels=3)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert len(model(x).router_logits) == 2  # the backbone config's output_router_logits=True
+        assert model(x, output_router_logits=False).router_logits is None
+
+
 def test_dense_backbone_behaves_like_stock(tmp_path):
     backbone = tiny_config(moe_layers="none")
     config = vmoe_upernet_config(backbone, out_indices=[2, 4], hidden_size=16, num_labels=3, use_auxiliary_head=False)

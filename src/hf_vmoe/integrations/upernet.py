@@ -63,8 +63,11 @@ class VMoEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         backbone_kwargs = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         if isinstance(self.backbone, VMoEBackbone):  # the aux loss whenever there is a loss; router logits if asked
+            output_router_logits = kwargs.get("output_router_logits")
+            if output_router_logits is None:  # output capture reads an explicit None as "no", not as the config's
+                output_router_logits = self.backbone.config.output_router_logits
             backbone_kwargs.update(compute_routing_loss=True if labels is not None else None,
-                                   output_router_logits=kwargs.get("output_router_logits"))
+                                   output_router_logits=output_router_logits)
         outputs = self.backbone.forward_with_filtered_kwargs(pixel_values, **backbone_kwargs)
         features = outputs.feature_maps
         size = pixel_values.shape[2:]
