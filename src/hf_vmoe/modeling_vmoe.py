@@ -1394,7 +1394,6 @@ def pad_to_routing_groups(forward: Callable) -> Callable:
         embeddings = self.embeddings
         check_pixel_values(pixel_values, self.config.num_channels, embeddings.image_size, embeddings.patch_size,
                            bool(arguments.get("interpolate_pos_encoding")))  # errors name the batch as given
-        check_finite(pixel_values, pixel_values)
         record = self.records_routing(arguments.get("compute_routing_loss"), arguments.get("superclass_labels"),
                                       arguments.get("kwargs", {}).get("output_router_logits"))
         patch = embeddings.patch_size
@@ -1403,6 +1402,7 @@ def pad_to_routing_groups(forward: Callable) -> Callable:
         padding = group_padding(self.config, batch, tokens, record)
         if not padding:
             return forward(self, *args, **kwargs)
+        check_finite(pixel_values, pixel_values)  # before padding, so that the count is of the batch as given
         arguments["pixel_values"] = torch.cat([pixel_values, pixel_values.new_zeros(padding, *pixel_values.shape[1:])])
         outputs = forward(*bound.args, **bound.kwargs)
         images = batch + padding
