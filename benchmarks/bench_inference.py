@@ -4,7 +4,7 @@
   `ViTForImageClassification` of the same dims (same active size); also our own dense twin (`moe_layers="none"`)
   to separate routing cost from implementation differences;
 - token routing: every block MoE, 8 experts of width 768, k=2, vs ViT with MLP 1536 (same active FLOPs), for the
-  `eager` and `grouped_mm` experts backends; and the two other routers: expert choice (capacity factor 2: on
+  `vmoe_cpu` (the CPU default), `eager` and `grouped_mm` experts backends; and the two other routers: expert choice (capacity factor 2: on
   average 2 experts per token, the same expert FLOPs) and Soft MoE (8 experts x 49 slots = 392 expert rows per
   image, about the 2 x 197 of k=2). Soft MoE costs more than its experts: its router scores every token against all
   392 slots and its dispatch / combine einsums mix 392 slots with 197 tokens, so `hf_vmoe.recipes.flops` counts
@@ -38,6 +38,9 @@ from common import (
     vmoe_flops,
     write_results,
 )
+
+
+TOKEN_BACKENDS = ("vmoe_token_vmoe_cpu", "vmoe_token_eager", "vmoe_token_grouped_mm")
 
 
 def run_group(models: dict, batch: int, reps: int, flops: dict, peak: float, reference: str) -> dict:
@@ -76,6 +79,7 @@ def main(argv=None):
     image_moe = vmoe(image_config())
     image_dense_ours = vmoe(image_config(moe_layers="none"))
     vit = dense_vit(768)
+    token_cpu = vmoe(token_config())  # the default on CPU: vmoe_cpu
     token_eager = vmoe(token_config(), "eager")
     token_grouped = vmoe(token_config(), "grouped_mm")
     expert_choice = vmoe(token_config(router_type="expert_choice", capacity_factor=2.0))
@@ -85,6 +89,7 @@ def main(argv=None):
         "vmoe_image": vmoe_flops(image_moe.config),
         "vmoe_dense_twin": vmoe_flops(image_dense_ours.config),
         "vit": vit_flops(mlp=768),
+        "vmoe_token_vmoe_cpu": vmoe_flops(token_cpu.config),
         "vmoe_token_eager": vmoe_flops(token_eager.config),
         "vmoe_token_grouped_mm": vmoe_flops(token_grouped.config),
         "vmoe_expert_choice": vmoe_flops(expert_choice.config),
@@ -96,7 +101,8 @@ def main(argv=None):
         results["image"][batch] = run_group(
             {"vmoe_image": image_moe, "vmoe_dense_twin": image_dense_ours, "vit": vit}, batch, reps, flops, peak, "vit"
         )
-        token_models = {"vmoe_token_eager": token_eager, "vmoe_token_grouped_mm": token_grouped, "vit_mlp1536": vit2x}
+        token_models = {"vmoe_token_vmoe_cpu": token_cpu, "vmoe_token_eager": token_eager,
+                        "vmoe_token_grouped_mm": token_grouped, "vit_mlp1536": vit2x}
         if batch == 32:  # expert choice and Soft MoE: throughput at batch 32
             token_models.update(vmoe_expert_choice=expert_choice, vmoe_soft=soft)
         results["token"][batch] = run_group(token_models, batch, reps, flops, peak, "vit_mlp1536")
@@ -123,9 +129,9 @@ def main(argv=None):
     img32 = results["image"][32]["vmoe_image"]["ratio_vs_vit"]["median"]
     img1 = results["image"][1]["vmoe_image"]["ratio_vs_vit"]["median"]
     tok32 = max(results["token"][32][n]["ratio_vs_vit_mlp1536"]["median"]
-                for n in ("vmoe_token_eager", "vmoe_token_grouped_mm"))
+                for n in TOKEN_BACKENDS)
     tok1 = max(results["token"][1][n]["ratio_vs_vit_mlp1536"]["median"]
-               for n in ("vmoe_token_eager", "vmoe_token_grouped_mm"))
+               for n in TOKEN_BACKENDS)
     frac = results["image"][32]["vmoe_image"]["fraction_of_peak"]
     ec32 = results["token"][32]["vmoe_expert_choice"]["ratio_vs_vit_mlp1536"]["median"]
     soft32 = results["token"][32]["vmoe_soft"]["ratio_vs_vit_mlp1536"]["median"]

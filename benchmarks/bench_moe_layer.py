@@ -1,8 +1,8 @@
 """The MoE layer alone, against a dense MLP of the same active FLOPs (eval, fp32, no grad).
 
 - token MoE block (router + experts; E=8, k=2, width 192, expert MLP 768, 32 x 197 tokens) / dense MLP 1536, for
-  every experts backend: `eager` (our loop, the CPU default), `grouped_mm` (transformers' default on GPU),
-  `batched_mm` (gathers one weight copy per token-slot: 7 GB at this size, so it runs on 2 images only and is
+  every experts backend: `eager` (our loop; at this size the CPU default `vmoe_cpu` is this loop), `grouped_mm`
+  (transformers' default on GPU), `batched_mm` (gathers one weight copy per token-slot: 7 GB at this size, so it runs on 2 images only and is
   compared with the dense MLP on the same 2 images);
 - image-routing dispatch (10 experts, k=1, 32 images of 197 tokens, balanced routing: image i -> expert i mod E)
   / dense MLP 768, for the eager grouped path and the static-shape gather path used under compile / export;
@@ -132,7 +132,7 @@ def main(argv=None):
         return entry["time_ratio_vs_dense"]["median"]
 
     rows = [
-        ["token E=8 k=2", "eager (CPU default)", "MLP 1536", f"{r(results['token_E8']['token_eager']):.3f}"],
+        ["token E=8 k=2", "eager", "MLP 1536", f"{r(results['token_E8']['token_eager']):.3f}"],
         ["token E=8 k=2", "grouped_mm", "MLP 1536", f"{r(results['token_E8']['token_grouped_mm']):.3f}"],
         ["token E=8 k=2 (2 images)", "batched_mm", "MLP 1536",
          f"{r(results['token_E8_batched_mm_2_images']['token_batched_mm']):.1f}"],

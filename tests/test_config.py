@@ -152,20 +152,19 @@ def test_grouped_mm_width_check():
     # asked for explicitly: a ValueError naming the widths
     with pytest.raises(ValueError, match=r"multiples of 8, got \{'hidden_size': 36, 'moe_intermediate_size': 68\}"):
         tiny_config(**odd).check_vmoe(experts_implementation="grouped_mm")
-    # by default: the model silently uses eager
+    # by default: the model silently uses vmoe_cpu (eager, with its CPU inference fast paths)
     model = VMoEForImageClassification(tiny_config(routing_level="token", **odd))
-    assert model.config._experts_implementation == "eager"
+    assert model.config._experts_implementation == "vmoe_cpu"
     with pytest.raises(ValueError, match="experts_implementation='grouped_mm' needs expert widths"):
         model.set_experts_implementation("grouped_mm")
     model.set_experts_implementation("batched_mm")
     assert model.config._experts_implementation == "batched_mm"
     # a dense model has no experts: any width is fine
     tiny_config(moe_layers=(), **odd).check_vmoe(experts_implementation="grouped_mm")
-    # default backend: on CPU-only machines eager (fastest there, docs/performance.md), for image routing with its
-    # batch-1 fast path (vmoe_cpu); grouped_mm when a GPU is present
-    expected = "grouped_mm" if torch.cuda.is_available() else "eager"
-    assert VMoEForImageClassification(tiny_config(routing_level="token")).config._experts_implementation == expected
+    # default backend: on CPU-only machines vmoe_cpu (eager with its inference fast paths, the fastest there,
+    # docs/performance.md) for every routing level; grouped_mm when a GPU is present
     expected = "grouped_mm" if torch.cuda.is_available() else "vmoe_cpu"
+    assert VMoEForImageClassification(tiny_config(routing_level="token")).config._experts_implementation == expected
     assert VMoEForImageClassification(tiny_config()).config._experts_implementation == expected
 
 

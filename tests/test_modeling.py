@@ -315,6 +315,54 @@ def test_one_image_fast_path_equals_sorted_dispatch(top_k, monkeypatch):
     assert weights.grad.abs().sum() > 0 and hidden.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_padded_token_path_equals_sorted_dispatch(top_k, monkeypatch):
+    """`vmoe_cpu` runs few token rows per expert at inference as one batched matmul over capacity-padded (E, C, H)
+    buffers (`infer_padded`) and gives the eager loop's output (the same rows, summed in ascending expert order; only
+    the matmul kernels differ); more rows, a padding of more than half, gradients, or ids of another rank's experts run the loop."""
+    from hf_vmoe.modeling_vmoe import PADDED_MAX_ROWS
+
+    model = VMoEForImageClassification(tiny_config(routing_level="token", num_experts=4, num_experts_per_tok=top_k))
+    experts = model.vmoe.encoder.layer[-1].mlp.experts
+    eager = VMoEExperts.forward.__wrapped__
+    padded_calls = []
+    infer_padded = VMoEExperts.infer_padded
+    monkeypatch.setattr(VMoEExperts, "infer_padded",
+                        lambda self, *args: padded_calls.append(args[-1]) or infer_padded(self, *args))
+
+    def run(index):
+        rows = index.shape[0]
+        hidden = torch.randn(rows, experts.hidden_dim)
+        weights = torch.rand(rows, top_k)
+        with torch.no_grad():
+            reference = eager(experts, hidden, index, weights)
+            torch.testing.assert_close(experts(hidden, index, weights), reference, rtol=0, atol=1e-6)
+
+    balanced = torch.stack([torch.randperm(4)[:top_k] for _ in range(30)])  # ~30 * k / 4 rows per expert
+    run(balanced)
+    assert len(padded_calls) == 1 and sum(padded_calls[0]) == 30 * top_k and len(padded_calls[0]) == 4
+    skewed = torch.zeros(30, top_k, dtype=torch.long)  # padding would quadruple the rows
+    skewed[:, 1:] = torch.arange(1, top_k)
+    run(skewed)
+    many = torch.stack([torch.randperm(4)[:top_k] for _ in range(4 * PADDED_MAX_ROWS // top_k + 8)])
+    run(many)
+    assert len(padded_calls) == 1  # neither the skewed nor the large batch was padded
+    # with gradients the eager loop runs (the input gets its gradient)
+    hidden = torch.randn(30, experts.hidden_dim, requires_grad=True)
+    experts(hidden, balanced, torch.rand(30, top_k)).sum().backward()
+    assert len(padded_calls) == 1 and hidden.grad.abs().sum() > 0
+    # the default model at batch 1 takes the padded path (where a block's load is even enough) and gives the eager
+    # backend's logits
+    model.eval()
+    padded_calls.clear()
+    x = pixels(1)
+    with torch.no_grad():
+        logits = model(x).logits
+        assert padded_calls
+        model.set_experts_implementation("eager")
+        torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=1e-6)
+
+
 def test_training_mode_without_gradients_routes_on_tensors():
     """The host-side plan is for inference only: a batch-1 forward in train() mode under no_grad (an EMA teacher, a
     statistics pass) still adds router noise and follows super-class forcing."""
