@@ -1264,7 +1264,7 @@ def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top
     - one whole image (image routing at batch 1, the on-device workload): the host reads the image's k expert ids
       and `infer_one_image` runs them on its tokens as they are (worth 1-2% at batch 1);
     - token rows that give no expert more than `PADDED_MAX_ROWS` rows, padded by at most half (token routing at
-      batch 1-2): `infer_padded`, one batched matmul per projection (0.59x -> about 0.72x the dense twin at batch 1)."""
+      batch 1-2): `infer_padded`, one batched matmul per projection (0.53x -> 0.67x the dense twin at batch 1)."""
     if not hasattr(self, "infer_one_image"):
         raise ValueError(f"experts_implementation='vmoe_cpu' is hf_vmoe's, for VMoEExperts; got {type(self).__name__}")
     eager = type(self).forward.__wrapped__
