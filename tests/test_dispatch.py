@@ -233,13 +233,16 @@ def test_image_routing_compiled_matches_eager():
         torch.testing.assert_close(compiled(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_token_routing_default_backend_compiles_without_graph_breaks():
-    """The eager experts loop has data-dependent shapes; under torch.compile it hands over to the grouped_mm path,
-    so token routing compiles with fullgraph=True and gives the eager outputs."""
+@pytest.mark.parametrize("backend", [None, "eager"], ids=["default", "eager"])
+def test_token_routing_default_backend_compiles_without_graph_breaks(backend):
+    """The eager experts loop and the CPU default's padded path (`vmoe_cpu`) read per-expert counts on the host;
+    under torch.compile both hand over to the grouped_mm path, so token routing compiles with fullgraph=True and
+    gives the eager outputs."""
     torch._dynamo.reset()
     config = tiny_config(routing_level="token", num_experts=4, num_experts_per_tok=2, moe_layers="all")
     model = VMoEForImageClassification(config).eval()
-    model.set_experts_implementation("eager")
+    if backend is not None:
+        model.set_experts_implementation(backend)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(x)

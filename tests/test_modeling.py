@@ -319,7 +319,9 @@ def test_one_image_fast_path_equals_sorted_dispatch(top_k, monkeypatch):
 def test_padded_token_path_equals_sorted_dispatch(top_k, monkeypatch):
     """`vmoe_cpu` runs few token rows per expert at inference as one batched matmul over capacity-padded (E, C, H)
     buffers (`infer_padded`) and gives the eager loop's output (the same rows, summed in ascending expert order; only
-    the matmul kernels differ); more rows, a padding of more than half, gradients, or ids of another rank's experts run the loop."""
+    the matmul kernels differ), also for repeated experts in a row, bfloat16 experts and small-integer ids. More
+    rows, a padding of more than half, one thread, gradients, tracing / compiling, or ids of another rank's experts
+    run the loop."""
     from hf_vmoe.modeling_vmoe import PADDED_MAX_ROWS
 
     model = VMoEForImageClassification(tiny_config(routing_level="token", num_experts=4, num_experts_per_tok=top_k))
@@ -329,28 +331,43 @@ def test_padded_token_path_equals_sorted_dispatch(top_k, monkeypatch):
     infer_padded = VMoEExperts.infer_padded
     monkeypatch.setattr(VMoEExperts, "infer_padded",
                         lambda self, *args: padded_calls.append(args[-1]) or infer_padded(self, *args))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the rule, whatever the machine
 
-    def run(index):
-        rows = index.shape[0]
-        hidden = torch.randn(rows, experts.hidden_dim)
-        weights = torch.rand(rows, top_k)
+    def padded(index, module=experts, dtype=torch.float32, atol=1e-6):
+        rows, calls = index.shape[0], len(padded_calls)
+        hidden = torch.randn(rows, module.hidden_dim).to(dtype)
+        weights = torch.rand(rows, top_k)  # float32 weights for any expert dtype, as the router gives them
         with torch.no_grad():
-            reference = eager(experts, hidden, index, weights)
-            torch.testing.assert_close(experts(hidden, index, weights), reference, rtol=0, atol=1e-6)
+            reference = eager(module, hidden, index.long(), weights)
+            torch.testing.assert_close(module(hidden, index, weights), reference, rtol=0, atol=atol)
+        return len(padded_calls) > calls
 
     balanced = torch.stack([torch.randperm(4)[:top_k] for _ in range(30)])  # ~30 * k / 4 rows per expert
-    run(balanced)
-    assert len(padded_calls) == 1 and sum(padded_calls[0]) == 30 * top_k and len(padded_calls[0]) == 4
+    assert padded(balanced)
+    assert padded_calls[-1] == torch.bincount(balanced.flatten(), minlength=4).tolist()
+    assert padded(torch.randint(0, 4, (40, top_k)))  # rows that repeat an expert
+    assert padded(balanced.to(torch.int16))
+    bf16 = copy.deepcopy(experts).to(torch.bfloat16)
+    bf16.config._experts_implementation = "vmoe_cpu"
+    assert padded(balanced, bf16, torch.bfloat16, atol=1e-2)
     skewed = torch.zeros(30, top_k, dtype=torch.long)  # padding would quadruple the rows
     skewed[:, 1:] = torch.arange(1, top_k)
-    run(skewed)
-    many = torch.stack([torch.randperm(4)[:top_k] for _ in range(4 * PADDED_MAX_ROWS // top_k + 8)])
-    run(many)
-    assert len(padded_calls) == 1  # neither the skewed nor the large batch was padded
+    assert not padded(skewed)
+    assert not padded(torch.stack([torch.randperm(4)[:top_k] for _ in range(4 * PADDED_MAX_ROWS // top_k + 8)]))
+    remote = balanced.clone()
+    remote[::3, 0] = 4  # an id of another rank's expert (expert parallelism): the loop drops it
+    assert not padded(remote)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 1)
+        assert not padded(balanced)
+    with monkeypatch.context() as patch:  # under torch.compile / export: no host reads of the counts
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not padded(balanced)
     # with gradients the eager loop runs (the input gets its gradient)
+    calls = len(padded_calls)
     hidden = torch.randn(30, experts.hidden_dim, requires_grad=True)
     experts(hidden, balanced, torch.rand(30, top_k)).sum().backward()
-    assert len(padded_calls) == 1 and hidden.grad.abs().sum() > 0
+    assert len(padded_calls) == calls and hidden.grad.abs().sum() > 0
     # the default model at batch 1 takes the padded path (where a block's load is even enough) and gives the eager
     # backend's logits
     model.eval()

@@ -1211,7 +1211,7 @@ class VMoEExperts(nn.Module):
         splits over the experts. `counts`: the assignments per expert. Outputs are summed in ascending expert order,
         as in `forward`."""
         num_experts, capacity = self.num_experts, max(counts)
-        flat_index = top_k_index.reshape(-1)  # (R * k,)
+        flat_index = top_k_index.reshape(-1).long()  # (R * k,)
         order = torch.argsort(flat_index, stable=True)  # assignments grouped by expert, row order inside
         expert_of, row_of = flat_index[order], order // top_k_index.shape[1]
         starts = torch.tensor([0, *itertools.accumulate(counts)][:-1], device=flat_index.device)  # (E,)
@@ -1263,8 +1263,9 @@ def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top
     """The `vmoe_cpu` experts implementation, hf_vmoe's default on CPU: `eager`, except at inference on a CPU for
     - one whole image (image routing at batch 1, the on-device workload): the host reads the image's k expert ids
       and `infer_one_image` runs them on its tokens as they are (worth 1-2% at batch 1);
-    - token rows that give no expert more than `PADDED_MAX_ROWS` rows, padded by at most half (token routing at
-      batch 1-2): `infer_padded`, one batched matmul per projection (0.53x -> 0.67x the dense twin at batch 1)."""
+    - token rows that give no expert more than `PADDED_MAX_ROWS` rows, padded by at most half, with more than one
+      thread (token routing at batch 1-2): `infer_padded`, one batched matmul per projection split over the threads
+      (0.53x -> 0.67x the dense twin at batch 1 on 2 threads; on one thread the padding is only extra work)."""
     if not hasattr(self, "infer_one_image"):
         raise ValueError(f"experts_implementation='vmoe_cpu' is hf_vmoe's, for VMoEExperts; got {type(self).__name__}")
     eager = type(self).forward.__wrapped__
@@ -1273,7 +1274,8 @@ def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top
     if hidden_states.ndim == 3 and hidden_states.shape[0] == 1:  # one image
         return self.infer_one_image(hidden_states, top_k_index.tolist()[0], top_k_weights.tolist()[0])
     assignments = top_k_index.numel()
-    if hidden_states.ndim == 2 and 0 < assignments <= PADDED_MAX_ROWS * self.num_experts:
+    if hidden_states.ndim == 2 and 0 < assignments <= PADDED_MAX_ROWS * self.num_experts and (
+            torch.get_num_threads() > 1):
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()
         # every id local (no expert parallelism), and padding to the largest count adds at most half the rows
         if len(counts) == self.num_experts and max(counts) <= PADDED_MAX_ROWS and (
