@@ -117,6 +117,11 @@ class ModelArguments:
     drop_upcycling_ratio: float = field(
         default=0.0, metadata={"help": "With --init_from_dense: share of each expert's hidden units re-initialised, a "
                                        "different random subset per expert (drop-upcycling; 0 = plain copies)."})
+    expert_init: str = field(
+        default="copy", metadata={"help": "With --init_from_dense: 'copy' (every expert a copy of the dense MLP) or "
+                                          "'split_shared' (a shared expert of half the dense MLP's hidden units, every "
+                                          "routed expert a copy of the other half: the dense model's active compute "
+                                          "with k=1; for the vimoe-* presets)."})
     compute_superclasses: int | None = field(
         default=None, metadata={"help": "After training, write super-classes for this many experts from the model's "
                                         "confusion matrix on the validation split to OUTPUT_DIR/superclasses.json."}
@@ -240,6 +245,9 @@ def build_model(model_args, labels, seed=None):
     if model_args.drop_upcycling_ratio and not model_args.init_from_dense:
         raise ValueError(f"--drop_upcycling_ratio {model_args.drop_upcycling_ratio} re-initialises part of experts "
                          "copied from a dense model: give --init_from_dense too")
+    if model_args.expert_init != "copy" and not model_args.init_from_dense:
+        raise ValueError(f"--expert_init {model_args.expert_init} says how experts are made from a dense model: give "
+                         "--init_from_dense too")
     superclass_ids = None
     if model_args.superclasses_file:
         superclass_ids = load_superclass_map(model_args.superclasses_file, class_names=labels)
@@ -259,7 +267,8 @@ def build_model(model_args, labels, seed=None):
         )
     if model_args.init_from_dense:
         dense = VMoEForImageClassification.from_pretrained(model_args.init_from_dense)
-        init_experts_from_dense(model, dense, drop_ratio=model_args.drop_upcycling_ratio, seed=seed)
+        init_experts_from_dense(model, dense, drop_ratio=model_args.drop_upcycling_ratio, seed=seed,
+                                expert_init=model_args.expert_init)
     return model
 
 
@@ -474,6 +483,7 @@ def write_card(trainer, data_args=None, model_args=None, metrics=None, num_train
         upcycled=bool(model_args.init_from_dense), dense_epochs=epochs.get("dense_epochs"),
         total_epochs=epochs.get("total_epochs") if "dense_epochs" in epochs else None,
         drop_ratio=model_args.drop_upcycling_ratio if model_args.init_from_dense else 0.0,
+        expert_init=model_args.expert_init,
         routing_health=health if config.is_moe else None,
         expert_load=load if config.is_moe and load else None, training=training)
     card.save(os.path.join(args.output_dir, "README.md"))

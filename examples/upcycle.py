@@ -5,8 +5,9 @@
         --num_experts 8 --num_experts_per_tok 2 --num_shared_experts 1 --moe_layers last:4 --image_size 224 --check
 
 Every expert starts as a copy of the dense MLP (`--expert_init split` splits its hidden units instead), the shared
-expert too, and the combine weights are normalised, so the result computes the dense function (`--check` verifies
-it on random pixels). `--drop_ratio R` (drop-upcycling) re-initialises a share R of each expert's hidden units, a
+expert too (`--expert_init split_shared`: one shared expert of half the hidden units, routed experts copies of the
+other half, at the dense model's compute with k=1), and the combine weights are normalised, so the result computes
+the dense function (`--check` verifies it on random pixels). `--drop_ratio R` (drop-upcycling) re-initialises a share R of each expert's hidden units, a
 different subset per expert, so the experts start diverse; `--check` is skipped then. The image processor is saved
 as a VMoEImageProcessor with the dense one's mean / std.
 """

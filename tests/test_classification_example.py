@@ -118,6 +118,29 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     assert "every expert a copy of its MLP with a different 50% of its hidden units re-initialised" in card
 
 
+def test_vimoe_preset_split_from_the_dense_run_starts_as_the_dense_model(imagefolder, tmp_path):
+    """The B3 token arm's recipe in one command: --preset vimoe-3x64 --init_from_dense DIR --expert_init split_shared."""
+    import torch
+
+    script = load_script()
+    dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
+    script.main(["--preset", "vit-3x64"] + common_args(imagefolder, dense_dir))
+    dense = VMoEForImageClassification.from_pretrained(dense_dir).eval()
+    args = ["--preset", "vimoe-3x64", "--init_from_dense", str(dense_dir), "--expert_init", "split_shared"]
+    start = script.build_model(script.ModelArguments(preset="vimoe-3x64", init_from_dense=str(dense_dir),
+                                                     expert_init="split_shared", image_size=32, patch_size=8), CLASSES)
+    start.config.normalize_router_weights = True  # k=1 with a combine weight of 1: shared + routed = the dense MLP
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(start.eval()(x).logits, dense(x).logits, atol=1e-5, rtol=0)
+    script.main(args + common_args(imagefolder, moe_dir))
+    moe = VMoEForImageClassification.from_pretrained(moe_dir)
+    assert moe.config.routing_level == "token" and moe.config.num_shared_experts == 1
+    assert "a shared expert made of the first half of its MLP's hidden units" in (moe_dir / "README.md").read_text()
+    with pytest.raises(ValueError, match="--expert_init split_shared .* give --init_from_dense"):
+        script.main(["--preset", "vimoe-3x64", "--expert_init", "split_shared"] + common_args(imagefolder, tmp_path))
+
+
 def test_moe_run_refuses_another_training_set_than_the_dense_run(imagefolder, tmp_path):
     script = load_script()
     superclasses = tmp_path / "superclasses.json"

@@ -133,6 +133,15 @@ def test_presets_and_paper_sizes():
         assert moe["flops"] - dense["flops"] == 2 * dense["width"] * 10 + 2 * tokens * dense["width"]
         assert moe["params_total"] > moe["params_active"] == dense["params_active"] + dense["width"] * 10
     assert get_preset("mobile-vmoe-tiny", num_labels=7, image_size=64, patch_size=8).num_labels == 7
+    for size in ("12x192", "3x64"):
+        dense, vimoe = rows[f"vit-{size}"], rows[f"vimoe-{size}"]
+        tokens = count_flops(get_preset(f"vimoe-{size}")).num_tokens
+        # one half-width routed expert + the half-width shared expert = the dense MLP; extra: 2 token routers of 4
+        assert vimoe["flops"] - dense["flops"] == 2 * (2 * tokens * dense["width"] * 4)
+        width = dense["width"]  # per MoE block: the router (4 x width) and the routed expert's own output bias
+        assert vimoe["params_active"] == dense["params_active"] + 2 * (width * 4 + width)
+        # 3 more routed experts per block, each (2 x width) x width twice with biases
+        assert vimoe["params_total"] == vimoe["params_active"] + 2 * 3 * (4 * width ** 2 + 3 * width)
     assert get_preset("mobile-vmoe-tiny", num_hidden_layers=6).moe_layers == (4, 5)
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("vit-huge")

@@ -358,3 +358,79 @@ def test_upcycle_example_script_drop_ratio(tmp_path, capsys):
     mlp = vit_classifier().vit.layers[2].mlp  # the same random weights (_randomize is seeded)
     units = redrawn_units(model.vmoe.encoder.layer[2].mlp.experts, mlp.fc1, mlp.fc2)
     assert [len(u) for u in units] == [16] * 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# split_shared: a shared expert of the first half of the dense MLP, routed experts copies of the second half
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_shared_twin(k=1, **overrides):
+    """A dense VMoE twin and a token MoE of 4 half-width experts + a half-width shared expert (round 3's B3 arm)."""
+    dense = _randomize(VMoEForImageClassification(tiny_config(moe_layers="none")))
+    width = dense.config.intermediate_size // 2
+    moe = VMoEForImageClassification(tiny_config(
+        routing_level="token", moe_layers=[2, 3], num_experts=4, num_experts_per_tok=k, num_shared_experts=1,
+        moe_intermediate_size=width, shared_expert_intermediate_size=width, **overrides))
+    return dense, moe
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_split_shared_from_the_dense_twin_equals_dense_and_lays_out_the_halves(k):
+    dense, moe = split_shared_twin(k, normalize_router_weights=True)
+    init_experts_from_dense(moe, dense, expert_init="split_shared").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = moe(x, output_router_logits=True)
+        torch.testing.assert_close(out.logits, dense(x).logits, atol=ATOL, rtol=0)
+    assert (out.expert_counts.sum(0) > 0).sum() > 1  # the (random) routers spread tokens: the experts are used
+    half = dense.config.intermediate_size // 2
+    for i in (2, 3):
+        fc1, fc2 = dense.vmoe.encoder.layer[i].mlp.fc1, dense.vmoe.encoder.layer[i].mlp.fc2
+        block = moe.vmoe.encoder.layer[i].mlp
+        assert torch.equal(block.shared_expert.fc1.weight, fc1.weight[:half])
+        assert torch.equal(block.shared_expert.fc2.weight, fc2.weight[:, :half])
+        assert torch.equal(block.shared_expert.fc2.bias, fc2.bias)
+        for e in range(4):
+            assert torch.equal(block.experts.up_proj[e], fc1.weight[half:])
+            assert torch.equal(block.experts.up_proj_bias[e], fc1.bias[half:])
+            assert torch.equal(block.experts.down_proj[e], fc2.weight[:, half:])
+            assert not block.experts.down_proj_bias[e].any()
+
+
+def test_split_shared_drop_and_noise_touch_only_the_routed_experts():
+    dense, moe = split_shared_twin()
+    init_experts_from_dense(moe, dense, expert_init="split_shared", drop_ratio=0.5, noise_std=0.1, seed=0)
+    plain = init_experts_from_dense(split_shared_twin()[1], dense, expert_init="split_shared")
+    for name, value in moe.state_dict().items():
+        if "router" in name:
+            continue
+        same = torch.equal(value, plain.state_dict()[name])
+        assert same == (".experts." not in name or name.endswith("down_proj_bias")), name
+
+
+def test_split_shared_refuses_what_it_cannot_build():
+    dense, moe = split_shared_twin()
+    with pytest.raises(ValueError, match="expert_init must be 'copy' or 'split_shared'.*'split'"):
+        init_experts_from_dense(moe, dense, expert_init="split")
+    with pytest.raises(ValueError, match="use expert_init='split_shared'"):  # a shared expert, copy mode
+        init_experts_from_dense(moe, dense)
+    full_width = VMoEForImageClassification(tiny_config(routing_level="token", moe_layers=[2, 3], num_experts=4))
+    with pytest.raises(ValueError, match=r"makes shape \(4, 32, 32\).*has \(4, 64, 32\)"):
+        init_experts_from_dense(full_width, dense, expert_init="split_shared")
+
+
+def test_upcycle_split_shared_equals_dense(pixels):
+    dense = vit_classifier()
+    model = upcycle(dense, routing_level="token", expert_init="split_shared", num_experts=4, num_experts_per_tok=1,
+                    moe_layers=(1, 2), seed=0)
+    config = model.config
+    widths = (config.num_shared_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size)
+    assert widths == (1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, dense(pixels).logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="one shared expert.*num_shared_experts=2"):
+        upcycle(dense, routing_level="token", expert_init="split_shared", num_shared_experts=2)
+    odd = _randomize(ViTForImageClassification(ViTConfig(intermediate_size=63, **DENSE)))
+    with pytest.raises(ValueError, match="width must be even, got 63"):
+        upcycle(odd, routing_level="token", expert_init="split_shared")

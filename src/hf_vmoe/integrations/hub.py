@@ -159,12 +159,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
 def describe_origin(trained_from: str | None, upcycled: bool = False, dense_epochs: float | None = None,
-                    total_epochs: float | None = None, drop_ratio: float = 0.0) -> tuple[str, str | None]:
+                    total_epochs: float | None = None, drop_ratio: float = 0.0,
+                    expert_init: str = "copy") -> tuple[str, str | None]:
     """(sentence, Hub id or None) saying where trained weights started from: `SCRATCH` ("scratch") = random
     initialisation; an existing local path is named without a link (it is not on the Hub); an `org/name` id is
     linked and returned for the card's `base_model`; None = not stated (empty sentence). `upcycled`: a dense
     model whose MLP became every expert (else: fine-tuned from it), after its `dense_epochs`, `total_epochs` in
-    all with this run's; `drop_ratio`: the share of each expert's hidden units re-initialised (drop-upcycling)."""
+    all with this run's; `drop_ratio`: the share of each expert's hidden units re-initialised (drop-upcycling);
+    `expert_init`: how the MLP became the experts (`hf_vmoe.recipes.upcycling.init_experts_from_dense`)."""
     if trained_from is None:
         return "", None
     if not isinstance(trained_from, str) or not trained_from.strip():
@@ -174,8 +176,11 @@ def describe_origin(trained_from: str | None, upcycled: bool = False, dense_epoc
     how = "Upcycled from the dense model {}" if upcycled else "Fine-tuned from {}"
     detail = "."
     if upcycled:
-        copies = ("every expert a copy of its MLP" if not drop_ratio else
-                  f"every expert a copy of its MLP with a different {drop_ratio:.0%} of its hidden units re-initialised")
+        copies = ("every expert a copy of its MLP" if expert_init == "copy" else
+                  "a shared expert made of the first half of its MLP's hidden units, every routed expert a copy of the "
+                  "other half")
+        if drop_ratio:
+            copies += f" with a different {drop_ratio:.0%} of its hidden units re-initialised"
         detail = f" (its weights copied, {copies})."
         if dense_epochs is not None and total_epochs is not None:
             detail += (f" The dense model had trained {dense_epochs:g} epochs: {total_epochs:g} epochs in all, "
@@ -243,6 +248,7 @@ def build_model_card(
     dense_epochs: float | None = None,
     total_epochs: float | None = None,
     drop_ratio: float = 0.0,
+    expert_init: str = "copy",
     routing_health: Mapping | None = None,
     expert_load: Sequence[float] | None = None,
     training: Mapping | None = None,
@@ -253,8 +259,8 @@ def build_model_card(
     eval_results: `EvalResult`s or dicts {"dataset", "metric", "value"} -> the card's model-index.
     trained_from: with `trained_on`, where the training started from: "scratch" (`SCRATCH`, random initialisation),
     a checkpoint (a local path is named without a link; an `org/name` Hub id is linked and becomes `base_model`); `upcycled`: it was a dense
-    model whose MLP became the experts, after its `dense_epochs` (`total_epochs` in all; `drop_ratio`: see
-    `describe_origin`); None = not stated. A dense config (no MoE block) gets a dense description. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
+    model whose MLP became the experts, after its `dense_epochs` (`total_epochs` in all; `drop_ratio`,
+    `expert_init`: see `describe_origin`); None = not stated. A dense config (no MoE block) gets a dense description. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
     `RouterStatsCallback.health`); expert_load: each expert's share of the routed items; training: a few
     hyperparameters, {name: value}, listed as they are.
     """
@@ -267,7 +273,8 @@ def build_model_card(
         raise ValueError("trained_from / routing_health / expert_load / training describe trained weights: pass "
                          "trained_on= to say what they were trained on")
     model_name = repo_id.split("/")[-1]
-    origin, origin_id = (describe_origin(trained_from, upcycled, dense_epochs, total_epochs, drop_ratio) if trained_on
+    origin, origin_id = (describe_origin(trained_from, upcycled, dense_epochs, total_epochs, drop_ratio, expert_init)
+                         if trained_on
                          else (None, None))
     if base_model is None:
         base_model = origin_id

@@ -7,14 +7,19 @@ scale, final norm, classification head). In each block chosen as an MoE block th
   of the dense MLP, optionally perturbed by ``expert_noise_std`` (relative to each weight's std);
 - ``expert_init="split"`` (MoEfication-style): the MLP's hidden units are split into ``num_experts`` disjoint slices,
   one per expert, each with ``intermediate_size / num_experts`` units; the slices' outputs are scaled by
-  ``num_experts`` so that a uniform router over all experts gives back the dense MLP.
+  ``num_experts`` so that a uniform router over all experts gives back the dense MLP;
+- ``expert_init="split_shared"`` (ViMoE at the dense model's active compute): the MLP's hidden units are split in
+  two halves; the shared expert is the first half (with the whole output bias), every routed expert a copy of the
+  second half (no output bias). With k = 1 and a combine weight of 1 (``normalize_router_weights=True``), shared +
+  routed = the dense MLP, and a token costs what it cost in the dense model.
 
 ``drop_ratio`` (Drop-Upcycling, Nakamura et al., ICLR 2025) then re-initialises a share of each expert's hidden
 units, a different random subset per expert, so experts start diverse instead of identical (see
 :func:`drop_upcycle_experts`).
 
-With ``num_shared_experts > 0`` the shared expert is initialised from the dense MLP too, and the routed and shared
-outputs are both halved (their ``down_proj`` / ``fc2`` weights and biases), so that shared + routed = dense.
+With ``num_shared_experts > 0`` and ``"copy"`` / ``"split"``, the shared expert is initialised from the dense MLP too,
+and the routed and shared outputs are both halved (their ``down_proj`` / ``fc2`` weights and biases), so that
+shared + routed = dense.
 
 Routers start from the model's random initialisation. Because the config is set to
 ``normalize_router_weights=True`` (the top-k combine weights sum to one) and all experts are identical, the
@@ -54,7 +59,7 @@ logger = logging.get_logger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("vit", "deit", "dinov2")
 TASKS = ("auto", "classification", "base", "segmentation", "backbone")
-EXPERT_INITS = ("copy", "split")
+EXPERT_INITS = ("copy", "split", "split_shared")
 _TASK_CLASSES = {
     "classification": VMoEForImageClassification,
     "base": VMoEModel,
@@ -260,7 +265,9 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
     num_experts = config.num_experts
     w1, b1 = fc1.weight.detach(), fc1.bias.detach()
     w2, b2 = fc2.weight.detach(), fc2.bias.detach()
-    if expert_init == "copy":
+    if expert_init == "split_shared":
+        up, up_bias, down, down_bias = split_shared_tensors(w1, b1, w2, b2, num_experts)[0].values()
+    elif expert_init == "copy":
         up = w1.unsqueeze(0).repeat(num_experts, 1, 1)
         up_bias = b1.unsqueeze(0).repeat(num_experts, 1)
         down = w2.unsqueeze(0).repeat(num_experts, 1, 1) * scale
@@ -277,6 +284,27 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
             tensors[name] = _perturb(tensors[name], noise_std, generator)
     tensors = drop_upcycle_experts(tensors, drop_ratio, generator)
     return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def split_shared_tensors(fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                         fc2_bias: torch.Tensor, num_experts: int) -> tuple[dict, dict]:
+    """`expert_init="split_shared"`: a dense MLP (fc1 (I, H), fc2 (H, I)) split at I / 2 into the shared expert, the
+    first half with the whole fc2 bias, and `num_experts` routed experts, each a copy of the second half with a
+    zero output bias. Returns (stacked expert tensors as in `VMoEExperts`, shared expert tensors as in `VMoEMLP`)."""
+    width = fc1_weight.shape[0]
+    if width % 2:
+        raise ValueError(f"expert_init='split_shared' splits the dense MLP in two halves: its width must be even, "
+                         f"got {width}")
+    half = width // 2
+    experts = {
+        "up_proj": fc1_weight[half:].unsqueeze(0).repeat(num_experts, 1, 1),
+        "up_proj_bias": fc1_bias[half:].unsqueeze(0).repeat(num_experts, 1),
+        "down_proj": fc2_weight[:, half:].unsqueeze(0).repeat(num_experts, 1, 1),
+        "down_proj_bias": torch.zeros(num_experts, fc2_weight.shape[0], dtype=fc2_bias.dtype, device=fc2_bias.device),
+    }
+    shared = {"fc1.weight": fc1_weight[:half].clone(), "fc1.bias": fc1_bias[:half].clone(),
+              "fc2.weight": fc2_weight[:, :half].clone(), "fc2.bias": fc2_bias.clone()}
+    return experts, shared
 
 
 def _perturb(value: torch.Tensor, noise_std: float, generator: torch.Generator | None,
@@ -375,7 +403,7 @@ def upcycled_state_dict(
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"dense model has {len(layers)} blocks but the config says {config.num_hidden_layers}")
     shared = config.num_shared_experts > 0
-    scale = 0.5 if shared else 1.0
+    scale = 0.5 if shared and expert_init != "split_shared" else 1.0  # split_shared: the halves add up to the MLP
     for i, layer in enumerate(layers):
         prefix = f"encoder.layer.{i}."
         modules = _block_modules(layer)
@@ -395,8 +423,13 @@ def upcycled_state_dict(
         for name, value in _expert_tensors(fc1, fc2, config, expert_init, scale, expert_noise_std, generator,
                                            drop_ratio).items():
             state[f"{prefix}mlp.experts.{name}"] = value
+        if expert_init == "split_shared":
+            shared_tensors = split_shared_tensors(fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(),
+                                                  fc2.bias.detach(), config.num_experts)[1]
+        elif shared:
+            shared_tensors = _shared_expert_tensors(fc1, fc2, config, scale)
         if shared:
-            for name, value in _shared_expert_tensors(fc1, fc2, config, scale).items():
+            for name, value in shared_tensors.items():
                 state[f"{prefix}mlp.shared_expert.{name}"] = value
     return state
 
@@ -421,8 +454,10 @@ def upcycle(
             `"base"` (`VMoEModel`), `"segmentation"` (`VMoEForSemanticSegmentation`, new decode head),
             `"backbone"` (`VMoEBackbone`, e.g. for UperNet), or `"auto"`: classification when the dense model has a
             classification head, else base.
-        expert_init: `"copy"` (every expert a copy of the dense MLP) or `"split"` (disjoint slices of its hidden
-            units; only a uniform router over all experts reproduces the dense MLP).
+        expert_init: `"copy"` (every expert a copy of the dense MLP), `"split"` (disjoint slices of its hidden
+            units; only a uniform router over all experts reproduces the dense MLP) or `"split_shared"` (one shared
+            expert of the first half of its hidden units, routed experts copies of the second half: with k = 1 the
+            dense model's active compute; `num_shared_experts` is 1).
         expert_noise_std: relative std of Gaussian noise added to each expert copy's weights (0 = exact copies).
         image_size: resolution the VMoE model will run at (default: the dense config's). The position embeddings
             are resampled to it with the dense model's own interpolation, so the upcycled model at this size equals
@@ -458,8 +493,17 @@ def upcycle(
     intermediate = (int(dense_config.hidden_size * dense_config.mlp_ratio) if dense_config.model_type == "dinov2"
                     else dense_config.intermediate_size)
     num_experts = moe_kwargs.get("num_experts", VMoEConfig.num_experts)
+    shared_width = intermediate
     if expert_init == "copy":
         wanted = intermediate
+    elif expert_init == "split_shared":
+        if intermediate % 2:
+            raise ValueError(f"expert_init='split_shared' splits the dense MLP in two halves: its width must be even, "
+                             f"got {intermediate}")
+        if moe_kwargs.setdefault("num_shared_experts", 1) != 1:
+            raise ValueError(f"expert_init='split_shared' makes one shared expert (half the dense MLP), got "
+                             f"num_shared_experts={moe_kwargs['num_shared_experts']}")
+        wanted = shared_width = intermediate // 2
     else:
         if intermediate % num_experts:
             raise ValueError(
@@ -469,7 +513,7 @@ def upcycle(
     for old, new in VMoEConfig.attribute_map.items():  # earlier field names (expert_intermediate_size)
         if old in moe_kwargs:
             moe_kwargs[new] = moe_kwargs.pop(old)
-    for name, value in (("moe_intermediate_size", wanted), ("shared_expert_intermediate_size", intermediate)):
+    for name, value in (("moe_intermediate_size", wanted), ("shared_expert_intermediate_size", shared_width)):
         if moe_kwargs.get(name) not in (None, value):
             raise ValueError(
                 f"{name}={moe_kwargs[name]} does not fit expert_init={expert_init!r} for a dense MLP of width "
@@ -531,22 +575,25 @@ _DENSE_TO_EXPERT = {"fc1.weight": "experts.up_proj", "fc1.bias": "experts.up_pro
 
 
 def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_std: float = 0.0,
-                            seed: int | None = None, drop_ratio: float = 0.0) -> nn.Module:
+                            seed: int | None = None, drop_ratio: float = 0.0, expert_init: str = "copy") -> nn.Module:
     """Initialise a VMoE (MoE) model from a trained dense VMoE twin (same shapes, `moe_layers="none"`): every
-    weight is copied and, in each MoE block, every expert becomes a copy of the dense MLP (sparse upcycling);
-    routers keep their fresh initialisation. `noise_std` (relative to each dense weight's std) perturbs the copies'
-    weight matrices so experts can diverge. With `normalize_router_weights=True` and k=1 the result computes the
-    dense function. `drop_ratio` re-initialises that share of each expert's hidden units, a different random
-    subset per expert (Drop-Upcycling, :func:`drop_upcycle_experts`); `seed` seeds the noise and the drop. For
-    transformers ViT / DeiT / DINOv2 checkpoints use :func:`upcycle`. Returns `moe_model`."""
+    weight is copied and, in each MoE block, the dense MLP becomes the experts; routers keep their fresh
+    initialisation. `expert_init`: `"copy"` (every expert a copy of the dense MLP, sparse upcycling; with
+    `normalize_router_weights=True` and k=1 the result computes the dense function) or `"split_shared"` (the MoE
+    model has one shared expert and experts of half the dense width: `split_shared_tensors`). `noise_std` (relative
+    to each dense weight's std) perturbs the routed copies' weight matrices so experts can diverge. `drop_ratio`
+    re-initialises that share of each routed expert's hidden units, a different random subset per expert
+    (Drop-Upcycling, :func:`drop_upcycle_experts`); `seed` seeds the noise and the drop. For transformers ViT / DeiT
+    / DINOv2 checkpoints use :func:`upcycle`. Returns `moe_model`."""
+    if expert_init not in ("copy", "split_shared"):
+        raise ValueError(f"expert_init must be 'copy' or 'split_shared' for a dense VMoE twin, got {expert_init!r}")
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     drop_ratio = check_drop_ratio(drop_ratio)
-    dense_state = dense_model.state_dict()
     target = moe_model.state_dict()
-    new_state = {}
+    new_state, dense_mlps = {}, {}
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for name, value in dense_state.items():
+    for name, value in dense_model.state_dict().items():
         if name in target:
             if target[name].shape != value.shape:
                 raise ValueError(f"{name}: dense shape {tuple(value.shape)} != MoE shape {tuple(target[name].shape)}")
@@ -555,23 +602,38 @@ def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_
         prefix, _, leaf = name.rpartition(".mlp.")
         if not prefix or leaf not in _DENSE_TO_EXPERT or f"{prefix}.mlp.{_DENSE_TO_EXPERT[leaf]}" not in target:
             raise ValueError(f"dense weight {name} has no place in the MoE model (is it the dense twin?)")
-        key = f"{prefix}.mlp.{_DENSE_TO_EXPERT[leaf]}"
-        if target[key].shape[1:] != value.shape:
-            raise ValueError(f"{name}: dense shape {tuple(value.shape)} does not fit expert shape {tuple(target[key].shape)}")
-        tiled = value.unsqueeze(0).repeat(target[key].shape[0], *([1] * value.ndim))
-        if noise_std and value.ndim == 2:
-            tiled = _perturb(tiled, noise_std, generator, reference_std=value.std())
-        new_state[key] = tiled
+        dense_mlps.setdefault(prefix, {})[leaf] = value
+    hint = (" (the MoE model has a shared expert: use expert_init='split_shared' to build it from half of the dense "
+            "MLP)" if expert_init == "copy" and any(".shared_expert." in k for k in target) else "")
+    for prefix, mlp in dense_mlps.items():
+        num_experts = target[f"{prefix}.mlp.experts.up_proj"].shape[0]
+        if expert_init == "copy":
+            experts = {_DENSE_TO_EXPERT[leaf].removeprefix("experts."): value.unsqueeze(0).repeat(
+                num_experts, *([1] * value.ndim)) for leaf, value in mlp.items()}
+            shared = {}
+        else:
+            experts, shared = split_shared_tensors(mlp["fc1.weight"], mlp["fc1.bias"], mlp["fc2.weight"],
+                                                   mlp["fc2.bias"], num_experts)
+        if noise_std:
+            for name in ("up_proj", "down_proj"):
+                experts[name] = _perturb(experts[name], noise_std, generator, reference_std=experts[name][0].std())
+        experts = drop_upcycle_experts(experts, drop_ratio, generator)
+        tensors = {**{f"experts.{k}": v for k, v in experts.items()},
+                   **{f"shared_expert.{k}": v for k, v in shared.items()}}
+        for name, value in tensors.items():
+            key = f"{prefix}.mlp.{name}"
+            if key not in target or target[key].shape != value.shape:
+                have = tuple(target[key].shape) if key in target else "no such weight"
+                raise ValueError(f"{key}: expert_init={expert_init!r} makes shape {tuple(value.shape)} from the dense "
+                                 f"MLP, the MoE model has {have}{hint}")
+            new_state[key] = value.contiguous()
     missing = [k for k in target if k not in new_state and "router" not in k]
     if missing:
-        raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE model")
-    for prefix in sorted({k.rpartition(".experts.")[0] for k in new_state if ".mlp.experts." in k}):
-        block = {name: new_state[f"{prefix}.experts.{name}"] for name in ("up_proj", "up_proj_bias", "down_proj")}
-        for name, value in drop_upcycle_experts(block, drop_ratio, generator).items():
-            new_state[f"{prefix}.experts.{name}"] = value
+        raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE "
+                         f"model{hint}")
     moe_model.load_state_dict(new_state, strict=False)
     return moe_model
 
 
 __all__ = ["upcycle", "upcycled_state_dict", "vmoe_config_from_dense", "load_dense_model", "init_experts_from_dense",
-           "drop_upcycle_experts", "check_drop_ratio"]
+           "drop_upcycle_experts", "check_drop_ratio", "split_shared_tensors"]
