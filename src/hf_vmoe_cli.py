@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", "--repo_id", required=True)
     p.add_argument("--out", required=True, help="README.md path to write")
     p.add_argument("--trained-on", "--trained_on", default=None, help="what the weights were trained on (omit: untrained)")
+    p.add_argument("--recipe", default=None,
+                   help="a markdown file: how to train the model and the evidence for it (the card's 'Recipe and "
+                        "evidence' section)")
 
     p = sub.add_parser("superclasses", help="compute, convert or show super-class maps")
     actions = p.add_subparsers(dest="action", required=True)

@@ -109,6 +109,19 @@ def test_committed_card_is_generated_by_the_cli(tmp_path):
     assert VMoEConfig().num_experts == 10  # the preset is the config default (Mobile V-MoE-Tiny)
 
 
+def test_committed_vimoe_card_states_the_recipe_and_the_evidence(tmp_path):
+    folder = ROOT / "model_cards" / "vimoe-3x64"
+    out = tmp_path / "README.md"
+    assert cli_main(["card", "--preset", "vimoe-3x64", "--repo-id", "hf-vmoe/vimoe-3x64", "--recipe",
+                     str(folder / "recipe.md"), "--out", str(out)]) == 0
+    committed = (folder / "README.md").read_text()
+    assert committed == out.read_text(), "regenerate with the hf-vmoe card command in docs/hub-accelerate-export.md"
+    recipe = (folder / "recipe.md").read_text().strip()
+    assert f"## Recipe and evidence\n\n{recipe}\n" in committed
+    assert "--expert_init split_shared" in recipe and "always-on shared expert" in committed
+    assert "no trained checkpoint has been published yet" in committed
+
+
 def test_publish_refuses_offline_in_process(tmp_path, monkeypatch):
     """conftest sets HF_HUB_OFFLINE=1 for this process: publish raises before touching anything."""
     from huggingface_hub.errors import OfflineModeIsEnabled

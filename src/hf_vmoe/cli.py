@@ -147,7 +147,8 @@ def cmd_card(args) -> int:
     config = preset_config(args.preset) if args.preset else VMoEConfig.from_pretrained(args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build_model_card(config, args.repo_id, trained_on=args.trained_on).save(out)
+    recipe = Path(args.recipe).read_text().strip() if args.recipe else None
+    build_model_card(config, args.repo_id, trained_on=args.trained_on, recipe=recipe).save(out)
     print(f"wrote {out}")
     return 0
 

@@ -252,6 +252,7 @@ def build_model_card(
     routing_health: Mapping | None = None,
     expert_load: Sequence[float] | None = None,
     training: Mapping | None = None,
+    recipe: str | None = None,
 ) -> ModelCard:
     """A model card for a VMoE model or config.
 
@@ -262,7 +263,8 @@ def build_model_card(
     model whose MLP became the experts, after its `dense_epochs` (`total_epochs` in all; `drop_ratio`,
     `expert_init`: see `describe_origin`); None = not stated. A dense config (no MoE block) gets a dense description. routing_health: `hf_vmoe.integrations.callbacks.routing_health`'s dict (e.g.
     `RouterStatsCallback.health`); expert_load: each expert's share of the routed items; training: a few
-    hyperparameters, {name: value}, listed as they are.
+    hyperparameters, {name: value}, listed as they are. recipe: markdown saying how to train the model and the
+    evidence for it (the card's "Recipe and evidence" section).
     """
     config = model_or_config if isinstance(model_or_config, VMoEConfig) else model_or_config.config
     if not isinstance(repo_id, str) or not repo_id.strip():
@@ -389,6 +391,7 @@ def build_model_card(
             "compared with\nat equal active FLOPs, the model whose confusion matrix gives the super-classes, and the "
             "weights an MoE is upcycled from.")
         routing_limitations = ""
+    recipe_md = f"\n## Recipe and evidence\n\n{recipe.strip()}\n" if recipe else ""
     body = f"""
 # {model_name}
 
@@ -403,7 +406,7 @@ def build_model_card(
 {architecture_rows}
 | labels | {config.num_labels} |
 
-{superclass_md}{results_md}
+{superclass_md}{results_md}{recipe_md}
 ## How to use
 
 ```python
