@@ -118,8 +118,9 @@ def test_three_stage_recipe(imagefolder, tmp_path):
     assert "every expert a copy of its MLP with a different 50% of its hidden units re-initialised" in card
 
 
-def test_vimoe_preset_split_from_the_dense_run_starts_as_the_dense_model(imagefolder, tmp_path):
-    """The B3 token arm's recipe in one command: --preset vimoe-3x64 --init_from_dense DIR --expert_init split_shared."""
+def test_vimoe_preset_split_from_the_dense_run_holds_the_dense_weights(imagefolder, tmp_path):
+    """The B3 token arm's recipe in one command: --preset vimoe-3x64 --init_from_dense DIR --expert_init split_shared.
+    The start holds the dense weights; it is the dense model once the combine weight is 1."""
     import torch
 
     script = load_script()

@@ -109,6 +109,15 @@ def test_committed_card_is_generated_by_the_cli(tmp_path):
     assert VMoEConfig().num_experts == 10  # the preset is the config default (Mobile V-MoE-Tiny)
 
 
+def test_upcycled_origin_names_how_the_experts_were_made():
+    from hf_vmoe.integrations.hub import describe_origin
+
+    split, _ = describe_origin("runs/dense", upcycled=True, expert_init="split_shared", drop_ratio=0.5)
+    assert "a shared expert made of the first half" in split and "50% of its hidden units re-initialised" in split
+    with pytest.raises(ValueError, match="expert_init must be one of .*got 'split'"):
+        describe_origin("runs/dense", upcycled=True, expert_init="split")
+
+
 def test_committed_vimoe_card_states_the_recipe_and_the_evidence(tmp_path):
     folder = ROOT / "model_cards" / "vimoe-3x64"
     out = tmp_path / "README.md"

@@ -434,3 +434,31 @@ def test_upcycle_split_shared_equals_dense(pixels):
     odd = _randomize(ViTForImageClassification(ViTConfig(intermediate_size=63, **DENSE)))
     with pytest.raises(ValueError, match="width must be even, got 63"):
         upcycle(odd, routing_level="token", expert_init="split_shared")
+
+
+@pytest.mark.parametrize("kwargs,sums", [
+    (dict(noise_std=0.1, drop_ratio=0.25), (-0.432413, -0.37416)),
+    (dict(drop_ratio=0.25), (-0.262294, -0.14003)),
+    (dict(noise_std=0.1), (-0.230587, -0.410921)),
+])
+def test_seeded_copies_keep_their_draws(kwargs, sums):
+    """A seed gives the experts it gave before expert_init existed: noise for every block first, then the drop in
+    sorted key order (layer 10 before layer 2). The sums were recorded with that earlier code (729cc7e)."""
+    def config(**kw):
+        return VMoEConfig(hidden_size=8, num_hidden_layers=12, num_attention_heads=2, intermediate_size=16,
+                          image_size=16, patch_size=8, num_experts=3, num_labels=3, **kw)
+
+    torch.manual_seed(0)
+    dense = VMoEForImageClassification(config(moe_layers="none"))
+    moe = init_experts_from_dense(VMoEForImageClassification(config(moe_layers=[2, 10])), dense, seed=0, **kwargs)
+    got = [float(moe.vmoe.encoder.layer[i].mlp.experts.up_proj.double().sum()) for i in (2, 10)]
+    assert got == pytest.approx(sums, abs=1e-5)
+
+
+def test_split_shared_state_dict_needs_one_shared_expert():
+    from hf_vmoe.recipes.upcycling import upcycled_state_dict
+
+    config = vmoe_config_from_dense(vit_classifier().config, routing_level="token", num_experts=4,
+                                    moe_intermediate_size=32, moe_layers=(2,))
+    with pytest.raises(ValueError, match="needs num_shared_experts=1, got 0"):
+        upcycled_state_dict(vit_classifier(), config, expert_init="split_shared")

@@ -176,9 +176,13 @@ def describe_origin(trained_from: str | None, upcycled: bool = False, dense_epoc
     how = "Upcycled from the dense model {}" if upcycled else "Fine-tuned from {}"
     detail = "."
     if upcycled:
-        copies = ("every expert a copy of its MLP" if expert_init == "copy" else
-                  "a shared expert made of the first half of its MLP's hidden units, every routed expert a copy of the "
-                  "other half")
+        sentences = {"copy": "every expert a copy of its MLP",
+                     "split_shared": "a shared expert made of the first half of its MLP's hidden units, every routed "
+                                     "expert a copy of the other half"}
+        if expert_init not in sentences:
+            raise ValueError(f"expert_init must be one of {sorted(sentences)} (init_experts_from_dense), got "
+                             f"{expert_init!r}")
+        copies = sentences[expert_init]
         if drop_ratio:
             copies += f" with a different {drop_ratio:.0%} of its hidden units re-initialised"
         detail = f" (its weights copied, {copies})."

@@ -17,8 +17,9 @@ variants' exact shapes here, so the ladder below is **our reconstruction**:
 * ViMoE variants (`vimoe-LxW`) are token-routed at the dense twin's active compute, the shape of evidence round 3's
   B3 token arm: in the last 2 blocks, 4 routed experts and one always-on shared expert, each of half the dense MLP's
   width, k=1 expert per token; upcycled from a dense twin with `expert_init="split_shared"` (the shared expert is
-  the first half of the dense MLP's hidden units, every routed expert a copy of the second half), they start as the
-  dense model split in two.
+  the first half of the dense MLP's hidden units, every routed expert a copy of the second half), they start from
+  the dense weights. With V-MoE's combine (the default) the router's probability scales the routed half; with
+  `normalize_router_weights=True` the start is the dense model exactly.
 
 A check on the 12 x 192 reconstruction: the paper's routing ablation quotes 11.05M parameters for per-token
 routing (all experts can be active) against 6.31M for per-image routing; `mobile-vmoe-12x192` has 11,045,032

@@ -266,7 +266,9 @@ def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_i
     w1, b1 = fc1.weight.detach(), fc1.bias.detach()
     w2, b2 = fc2.weight.detach(), fc2.bias.detach()
     if expert_init == "split_shared":
-        up, up_bias, down, down_bias = split_shared_tensors(w1, b1, w2, b2, num_experts)[0].values()
+        experts = split_shared_tensors(w1, b1, w2, b2, num_experts)[0]
+        up, up_bias = experts["up_proj"], experts["up_proj_bias"]
+        down, down_bias = experts["down_proj"], experts["down_proj_bias"]
     elif expert_init == "copy":
         up = w1.unsqueeze(0).repeat(num_experts, 1, 1)
         up_bias = b1.unsqueeze(0).repeat(num_experts, 1)
@@ -403,6 +405,9 @@ def upcycled_state_dict(
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"dense model has {len(layers)} blocks but the config says {config.num_hidden_layers}")
     shared = config.num_shared_experts > 0
+    if expert_init == "split_shared" and config.num_shared_experts != 1:
+        raise ValueError(f"expert_init='split_shared' puts half of each dense MLP in one shared expert: the config "
+                         f"needs num_shared_experts=1, got {config.num_shared_experts}")
     scale = 0.5 if shared and expert_init != "split_shared" else 1.0  # split_shared: the halves add up to the MLP
     for i, layer in enumerate(layers):
         prefix = f"encoder.layer.{i}."
@@ -605,6 +610,7 @@ def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_
         dense_mlps.setdefault(prefix, {})[leaf] = value
     hint = (" (the MoE model has a shared expert: use expert_init='split_shared' to build it from half of the dense "
             "MLP)" if expert_init == "copy" and any(".shared_expert." in k for k in target) else "")
+    blocks = {}  # prefix -> routed expert tensors
     for prefix, mlp in dense_mlps.items():
         num_experts = target[f"{prefix}.mlp.experts.up_proj"].shape[0]
         if expert_init == "copy":
@@ -617,7 +623,7 @@ def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_
         if noise_std:
             for name in ("up_proj", "down_proj"):
                 experts[name] = _perturb(experts[name], noise_std, generator, reference_std=experts[name][0].std())
-        experts = drop_upcycle_experts(experts, drop_ratio, generator)
+        blocks[prefix] = experts
         tensors = {**{f"experts.{k}": v for k, v in experts.items()},
                    **{f"shared_expert.{k}": v for k, v in shared.items()}}
         for name, value in tensors.items():
@@ -627,6 +633,10 @@ def init_experts_from_dense(moe_model: nn.Module, dense_model: nn.Module, noise_
                 raise ValueError(f"{key}: expert_init={expert_init!r} makes shape {tuple(value.shape)} from the dense "
                                  f"MLP, the MoE model has {have}{hint}")
             new_state[key] = value.contiguous()
+    # drop-upcycling after every block's noise, blocks in sorted key order: the seeded draws of earlier versions
+    for prefix in sorted(blocks):
+        for name, value in drop_upcycle_experts(blocks[prefix], drop_ratio, generator).items():
+            new_state[f"{prefix}.mlp.experts.{name}"] = value.contiguous()
     missing = [k for k in target if k not in new_state and "router" not in k]
     if missing:
         raise ValueError(f"the dense model has no weights for {missing[:3]}: not the dense twin of this MoE "
