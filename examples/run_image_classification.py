@@ -118,10 +118,11 @@ class ModelArguments:
         default=0.0, metadata={"help": "With --init_from_dense: share of each expert's hidden units re-initialised, a "
                                        "different random subset per expert (drop-upcycling; 0 = plain copies)."})
     expert_init: str = field(
-        default="copy", metadata={"choices": ["copy", "split_shared"], "help": "With --init_from_dense: 'copy' (every expert a copy of the dense MLP) or "
-                                          "'split_shared' (a shared expert of half the dense MLP's hidden units, every "
-                                          "routed expert a copy of the other half: the dense model's active compute "
-                                          "with k=1; for the vimoe-* presets)."})
+        default="copy", metadata={
+            "choices": ["copy", "split_shared"],
+            "help": "With --init_from_dense: 'copy' (every expert a copy of the dense MLP) or 'split_shared' (a shared "
+                    "expert of half the dense MLP's hidden units, every routed expert a copy of the other half: the "
+                    "dense model's active compute with k=1; for the vimoe-* presets)."})
     compute_superclasses: int | None = field(
         default=None, metadata={"help": "After training, write super-classes for this many experts from the model's "
                                         "confusion matrix on the validation split to OUTPUT_DIR/superclasses.json."}

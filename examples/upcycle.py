@@ -7,8 +7,9 @@
 Every expert starts as a copy of the dense MLP (`--expert_init split` splits its hidden units instead), the shared
 expert too (`--expert_init split_shared`: one shared expert of half the hidden units, routed experts copies of the
 other half, at the dense model's compute with k=1), and the combine weights are normalised, so the result computes
-the dense function (`--check` verifies it on random pixels). `--drop_ratio R` (drop-upcycling) re-initialises a share R of each expert's hidden units, a
-different subset per expert, so the experts start diverse; `--check` is skipped then. The image processor is saved
+the dense function (`--check` verifies it on random pixels). `--drop_ratio R` (drop-upcycling) re-initialises a
+share R of each expert's hidden units, a different subset per expert, so the experts start diverse; `--check` is
+skipped then. The image processor is saved
 as a VMoEImageProcessor with the dense one's mean / std.
 """
 

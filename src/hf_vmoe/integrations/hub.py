@@ -280,8 +280,7 @@ def build_model_card(
                          "trained_on= to say what they were trained on")
     model_name = repo_id.split("/")[-1]
     origin, origin_id = (describe_origin(trained_from, upcycled, dense_epochs, total_epochs, drop_ratio, expert_init)
-                         if trained_on
-                         else (None, None))
+                         if trained_on else (None, None))
     if base_model is None:
         base_model = origin_id
     arch = architecture_summary(config)
