@@ -56,8 +56,19 @@ from transformers import (
 )
 
 from hf_vmoe import VMoEForImageClassification, VMoEImageProcessor
-from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
-from hf_vmoe.integrations.data import check_imagefolder, metric_path, parse_config_overrides, size_dict
+from hf_vmoe.integrations.callbacks import (
+    AugmentationEpochCallback,
+    RouterBiasUpdateCallback,
+    RouterStatsCallback,
+    count_active_flops,
+)
+from hf_vmoe.integrations.data import (
+    AugmentedDataset,
+    check_imagefolder,
+    metric_path,
+    parse_config_overrides,
+    size_dict,
+)
 from hf_vmoe.integrations.hub import SCRATCH, build_model_card
 from hf_vmoe.recipes.presets import get_preset
 from hf_vmoe.integrations.script_defaults import apply_script_defaults
@@ -304,12 +315,11 @@ def main(argv=None):
     config = model.config
     processor = build_processor(model_args, config)
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    rng = np.random.default_rng(training_args.seed)
     image_col, label_col = data_args.image_column_name, data_args.label_column_name
 
-    def train_transforms(batch):
+    def train_transforms(batch, rngs):  # one generator per image, seeded by (seed, epoch, index): AugmentedDataset
         images = []
-        for image in batch[image_col]:
+        for image, rng in zip(batch[image_col], rngs):
             image = random_resized_crop(image.convert("RGB"), size, rng)  # grayscale / RGBA -> RGB
             if rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -355,7 +365,7 @@ def main(argv=None):
         logger.info("super-classes: holding out the %d training images %s was built from (%.0f%% of each class, "
                     "seed %d), so this run trains on the dense run's %d images", recorded["num_images"],
                     model_args.superclasses_file, 100 * recorded["share"], recorded["seed"], len(dataset["train"]))
-    train_dataset = dataset["train"].with_transform(train_transforms)
+    train_dataset = AugmentedDataset(dataset["train"], train_transforms, training_args.seed)
     eval_dataset = dataset["validation"].with_transform(eval_transforms)
 
     metric = evaluate.load(metric_path("accuracy"))
@@ -383,6 +393,7 @@ def main(argv=None):
         processing_class=processor,
         data_collator=collate_fn,
     )
+    trainer.add_callback(AugmentationEpochCallback(train_dataset))  # a resumed run draws the crops it would have
     router_stats = RouterStatsCallback.attach(trainer) if config.is_moe else None
     trainer.add_callback(RouterBiasUpdateCallback())  # loss-free balancing (router_bias_update_rate); else a no-op
     count_active_flops(trainer)  # total_flos = active training FLOPs, dense and MoE alike

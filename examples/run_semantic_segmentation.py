@@ -23,7 +23,6 @@ MoE runs log the expert load with the loss and a routing-health line after each 
 
 import logging
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,14 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from hf_vmoe import VMoEConfig, VMoEForSemanticSegmentation, VMoEImageProcessor
-from hf_vmoe.integrations.callbacks import RouterBiasUpdateCallback, RouterStatsCallback, count_active_flops
+from hf_vmoe.integrations.callbacks import (
+    AugmentationEpochCallback,
+    RouterBiasUpdateCallback,
+    RouterStatsCallback,
+    count_active_flops,
+)
 from hf_vmoe.integrations.data import (
+    AugmentedDataset,
     SegmentationTransform,
     ade20k_id2label,
     load_ade_folder,
@@ -234,11 +239,12 @@ def main(argv: list[str] | None = None):
                                      image_mean=tuple(processor.image_mean), image_std=tuple(processor.image_std))
     eval_tf = SegmentationTransform(size=data_args.crop_size, train=False, reduce_labels=data_args.reduce_labels,
                                     image_mean=tuple(processor.image_mean), image_std=tuple(processor.image_std))
-    rng = random.Random(training_args.seed)
 
     def make_transform(tf):
-        def transform(batch):
-            pixels, labels = zip(*(tf(img, ann, rng) for img, ann in zip(batch["image"], batch["annotation"])))
+        def transform(batch, rngs=None):  # training: one generator per image (AugmentedDataset)
+            rngs = rngs or [None] * len(batch["image"])
+            pairs = zip(batch["image"], batch["annotation"], rngs)
+            pixels, labels = zip(*(tf(image, annotation, rng) for image, annotation, rng in pairs))
             return {"pixel_values": list(pixels), "labels": list(labels)}
 
         return transform
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None):
         if data_args.max_train_samples is not None:
             dataset["train"] = dataset["train"].shuffle(seed=training_args.seed).select(
                 range(min(data_args.max_train_samples, len(dataset["train"]))))
-        dataset["train"].set_transform(make_transform(train_tf))
+        dataset["train"] = AugmentedDataset(dataset["train"], make_transform(train_tf), training_args.seed)
     if training_args.do_eval:
         if "validation" not in dataset:
             raise ValueError("--do_eval needs a validation set (--validation_dir or a dataset with a validation split)")
@@ -304,6 +310,8 @@ def main(argv: list[str] | None = None):
         RouterStatsCallback.attach(trainer, per_expert=False)
         trainer.add_callback(RouterBiasUpdateCallback())  # loss-free balancing (router_bias_update_rate)
     count_active_flops(trainer)  # total_flos = active training FLOPs of the VMoE encoder (dense and MoE alike)
+    if training_args.do_train:  # a resumed run draws the augmentations it would have drawn
+        trainer.add_callback(AugmentationEpochCallback(trainer.train_dataset))
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

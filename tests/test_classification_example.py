@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_example
 from PIL import Image
 
@@ -40,7 +41,7 @@ def imagefolder(tmp_path_factory):
 def train_images(trainer):
     """A digest of each training image of a run, in order (its transform removed)."""
     return [hashlib.sha1(np.asarray(image).tobytes()).hexdigest()[:12]
-            for image in trainer.train_dataset.with_format(None)["image"]]
+            for image in trainer.train_dataset.dataset.with_format(None)["image"]]
 
 
 def common_args(root, out):
@@ -140,6 +141,21 @@ def test_vimoe_preset_split_from_the_dense_run_holds_the_dense_weights(imagefold
     assert "a shared expert made of the first half of its MLP's hidden units" in (moe_dir / "README.md").read_text()
     with pytest.raises(ValueError, match="--expert_init split_shared .* give --init_from_dense"):
         script.main(["--preset", "vimoe-3x64", "--expert_init", "split_shared"] + common_args(imagefolder, tmp_path))
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(imagefolder, tmp_path):
+    """Augmentations are drawn per (seed, epoch, image) (`AugmentedDataset`): a run resumed mid-epoch from a
+    checkpoint crops and flips as the uninterrupted run did, so it ends with the same weights, bit for bit."""
+    script = load_script()
+
+    def run(out, *extra):  # 20 images, batch 8: 3 steps per epoch; a checkpoint at step 4 (epoch 2, step 2)
+        return script.main(common_args(imagefolder, out) + ["--preset", "vimoe-3x64", "--max_steps", "7",
+                                                            "--save_strategy", "steps", "--save_steps", "4", *extra])
+
+    whole = run(tmp_path / "whole").model
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-4")).model
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
 def test_moe_run_refuses_another_training_set_than_the_dense_run(imagefolder, tmp_path):

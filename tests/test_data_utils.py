@@ -2,10 +2,14 @@
 
 import evaluate
 import pytest
+import torch
 from conftest import load_example
+from datasets import Dataset
+from transformers import TrainingArguments
 
 from hf_vmoe import VMoEConfig
-from hf_vmoe.integrations.data import metric_path, parse_config_overrides, parse_moe_layers_arg
+from hf_vmoe.integrations.callbacks import AugmentationEpochCallback
+from hf_vmoe.integrations.data import AugmentedDataset, metric_path, parse_config_overrides, parse_moe_layers_arg
 
 
 def test_config_overrides_types():
@@ -51,3 +55,27 @@ def test_size_dict():
 
     assert size_dict(224) == {"height": 224, "width": 224}
     assert size_dict([64, 48]) == {"height": 64, "width": 48}
+
+
+def test_augmentations_depend_on_seed_epoch_and_image_only():
+    def jitter(batch, rngs):  # each row: its value plus one draw of its generator
+        return {"x": [torch.tensor(x + rng.random()) for x, rng in zip(batch["x"], rngs)], "y": batch["y"]}
+
+    data = AugmentedDataset(Dataset.from_dict({"x": [0.0, 10.0, 20.0, 30.0], "y": [0, 1, 2, 3]}), jitter, seed=7)
+    first = data.__getitems__([0, 1, 2, 3])
+    assert [row["y"] for row in first] == [0, 1, 2, 3] and len(data) == 4
+    # an image's draw does not depend on the batch it comes in, nor on its place there (workers, a resumed epoch)
+    assert data.__getitems__([3, 1])[0]["x"] == first[3]["x"] and data[1]["x"] == first[1]["x"]
+    assert len({float(row["x"]) % 10 for row in first}) == 4  # each image its own draw
+    data.set_epoch(1)
+    assert all(data[i]["x"] != first[i]["x"] for i in range(4))  # a new draw each epoch
+    data.set_epoch(0)
+    assert data[2]["x"] == first[2]["x"]
+    assert AugmentedDataset(data.dataset, jitter, seed=8)[2]["x"] != first[2]["x"]
+
+    callback = AugmentationEpochCallback(data)
+    callback.on_epoch_begin(None, type("State", (), {"epoch": 4.5})(), None)  # resumed mid-epoch 4
+    assert data.epoch == 4
+    args = TrainingArguments("unused", dataloader_num_workers=2, dataloader_persistent_workers=True, use_cpu=True)
+    with pytest.raises(ValueError, match="dataloader_persistent_workers=True"):
+        callback.on_train_begin(args, None, None)

@@ -2,7 +2,6 @@
 the ADE20K value convention: 0 = other, 1..150 = classes), plus the helpers it uses."""
 
 import json
-import random
 from pathlib import Path
 
 import evaluate
@@ -131,7 +130,7 @@ def test_helpers(tmp_path):
     image_path, label_path = find_ade_pairs(data, "validation")[0]
     image, label = Image.open(image_path), Image.open(label_path)
     train_tf = SegmentationTransform(size=24, train=True, reduce_labels=True, scale_range=(0.5, 0.5))
-    pixels, target = train_tf(image, label, random.Random(0))
+    pixels, target = train_tf(image, label, np.random.default_rng(0))
     assert pixels.shape == (3, 24, 24) and target.shape == (24, 24) and target.dtype == torch.int64
     values = set(target.unique().tolist())
     assert values <= {255, 0, 2, 12, 149}  # reduced ADE values + padding/other as 255

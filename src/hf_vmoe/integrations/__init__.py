@@ -3,9 +3,11 @@
 - `hub`: model cards and publishing;
 - `export`: ONNX and ExecuTorch export, int8 (the entry point; the code is in `onnx`, `executorch` and their shared
   `export_utils`);
-- `callbacks`: Trainer callbacks (routing statistics, active FLOPs) and `script_defaults` for the example scripts;
+- `callbacks`: Trainer callbacks (routing statistics, active FLOPs, the augmentation epoch) and `script_defaults`
+  for the example scripts;
 - `upernet`: UperNet on a VMoE backbone that keeps the aux loss;
-- `data`: ADE20K folders, segmentation augmentations, offline metric modules, command-line parsing helpers;
+- `data`: ADE20K folders, segmentation augmentations, `AugmentedDataset`, offline metric modules, command-line
+  parsing helpers;
 - `convert_vmoe`: Google's vmoe (JAX) checkpoints into VMoE folders (the parts: `vmoe_checkpoint.readers`,
   `vmoe_checkpoint.params`, `vmoe_checkpoint.config`).
 """

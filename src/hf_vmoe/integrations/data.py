@@ -6,7 +6,9 @@
 - :func:`metric_path`: the offline `evaluate` modules shipped in `hf_vmoe/metrics/` (`evaluate.load(metric_path(
   "accuracy"))`), so no metric is ever downloaded;
 - segmentation data: ADE20K label names and folder loading (:func:`load_ade_folder`, :func:`read_id2label`) and
-  :class:`SegmentationTransform`, random crop / flip / resize augmentations in numpy + PIL (no torchvision).
+  :class:`SegmentationTransform`, random crop / flip / resize augmentations in numpy + PIL (no torchvision);
+- :class:`AugmentedDataset`: a training set whose random augmentations are drawn per (seed, epoch, image), so a
+  resumed run sees the augmentations an uninterrupted one sees (with `callbacks.AugmentationEpochCallback`).
 
 ADE20K conventions: annotation PNGs hold 0 = "other" (ignored) and 1..150 = classes; `reduce_labels` maps
 0 -> 255 (ignore) and k -> k - 1, so the model predicts 150 classes 0..149 whose names are in
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -232,8 +233,8 @@ class SegmentationTransform:
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
-    def __call__(self, image: Image.Image, label: Image.Image | np.ndarray, rng: random.Random | None = None):
-        rng = rng or random
+    def __call__(self, image: Image.Image, label: Image.Image | np.ndarray, rng: np.random.Generator | None = None):
+        rng = rng if rng is not None else np.random.default_rng()
         image = image.convert("RGB")
         label = np.array(label)
         if label.ndim == 3:
@@ -254,8 +255,8 @@ class SegmentationTransform:
             if pad_h or pad_w:
                 img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)))
                 lab = np.pad(lab, ((0, pad_h), (0, pad_w)), constant_values=self.ignore_index)
-            top = rng.randint(0, img.shape[0] - height)
-            left = rng.randint(0, img.shape[1] - width)
+            top = int(rng.integers(0, img.shape[0] - height, endpoint=True))
+            left = int(rng.integers(0, img.shape[1] - width, endpoint=True))
             img, lab = img[top : top + height, left : left + width], lab[top : top + height, left : left + width]
             if rng.random() < self.flip_prob:
                 img, lab = img[:, ::-1], lab[:, ::-1]
@@ -267,7 +268,35 @@ class SegmentationTransform:
         return pixel_values, torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64))
 
 
+class AugmentedDataset(torch.utils.data.Dataset):
+    """A map-style dataset (e.g. a `datasets.Dataset`) seen through a random training transform whose draws come
+    from a generator seeded by (seed, epoch, index): an image gets the same augmentation in an epoch however the run
+    is cut (resumed from a checkpoint, mid-epoch too; data-loader workers), and a new one each epoch. One generator
+    shared by the transform would restart from the seed on a resume, and be copied into every worker.
+
+    `transform(batch, rngs) -> dict of columns`: `batch` the rows' columns (a dict of lists), `rngs` one
+    `numpy.random.Generator` per row. The Trainer sets the epoch through `callbacks.AugmentationEpochCallback`."""
+
+    def __init__(self, dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rngs = [np.random.default_rng([self.seed, self.epoch, int(index)]) for index in indices]
+        columns = self.transform(self.dataset[list(indices)], rngs)
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]  # one example per row
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
 __all__ = [
+    "AugmentedDataset",
     "check_imagefolder",
     "parse_config_overrides",
     "parse_moe_layers_arg",
