@@ -393,8 +393,11 @@ class VMoERouting:
         raise NotImplementedError
 
     def aux_loss(self, config: VMoEConfig) -> torch.Tensor:
-        """This router call's auxiliary losses, weighted by the config's coefficients (float32 scalar); none here."""
-        return self.logits.new_zeros(())
+        """This router call's auxiliary losses, weighted by the config's coefficients (float32 scalar): here ST-MoE's
+        router z-loss, the mean squared logsumexp of the logits (`router_z_loss_coef`)."""
+        if not config.router_z_loss_coef:
+            return self.logits.new_zeros(())
+        return config.router_z_loss_coef * torch.logsumexp(self.logits, dim=-1).pow(2).mean()
 
     def expert_counts(self, num_experts: int) -> torch.Tensor:
         """(E,) number of rows each expert computes."""
@@ -461,27 +464,30 @@ class TopKRouting(VMoERouting):
         return out.view(shape)
 
     def aux_loss(self, config):
-        """The z-loss, and the balancing losses per routing group (mean over groups): switch (E * sum_e f_e * P_e,
-        f_e the share of assignments to expert e, P_e its mean probability), V-MoE importance (squared coefficient
-        of variation of the per-expert probability mass) and, trained with noise, V-MoE load (`vmoe_load_loss`)."""
-        logits, num_experts = self.logits, config.num_experts
-        loss = z_loss(logits, config)
+        """The z-loss (`VMoERouting.aux_loss`) and the balancing losses of each routing group, averaged over the
+        groups: switch (E * sum_e f_e * P_e, f_e the share of assignments to expert e, P_e its mean probability),
+        V-MoE importance (squared coefficient of variation of the per-expert probability mass) and, trained with
+        noise, V-MoE load (`vmoe_load_loss`)."""
+        num_experts, top_k = config.num_experts, self.top_k_index.shape[1]
         size = None if self.seq_len else config.router_group_size  # image routing: one group of the batch
-        groups = (size, config.router_group_remainder)
-        probs = group_parts(logits.softmax(dim=-1), *groups)  # [(G, n, E)]: the full groups, a last partial one
-        if config.router_aux_loss_coef:
-            assigned = F.one_hot(self.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-            fraction = [a.mean(dim=1) / self.top_k_index.shape[1] for a in group_parts(assigned, *groups)]
-            switch = torch.cat([num_experts * (f * p.mean(dim=1)).sum(dim=-1) for f, p in zip(fraction, probs)])
-            loss = loss + config.router_aux_loss_coef * switch.mean()
-        if config.router_importance_loss_coef:
-            importance = [p.sum(dim=1) for p in probs]  # (G, E)
-            cv2 = torch.cat([i.var(dim=-1, unbiased=False) / (i.mean(dim=-1) ** 2 + 1e-9) for i in importance])
-            loss = loss + config.router_importance_loss_coef * cv2.mean()
-        if config.router_load_loss_coef and self.noisy_logits is not None:
-            load = torch.cat([vmoe_load_loss(clean, rough, self.top_k_index.shape[1], config.router_noise_std)
-                              for clean, rough in zip(group_parts(logits, *groups), group_parts(self.noisy_logits, *groups))])
-            loss = loss + config.router_load_loss_coef * load.mean()
+        assignments = F.one_hot(self.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
+        noisy_logits = self.logits if self.noisy_logits is None else self.noisy_logits
+        switch, importance, load = [], [], []
+        for logits, noisy, assigned in routing_groups(size, config.router_group_remainder, self.logits, noisy_logits,
+                                                      assignments):  # (G, n, E) each
+            probs = logits.softmax(dim=-1)
+            if config.router_aux_loss_coef:
+                switch.append(num_experts * (assigned.mean(dim=1) / top_k * probs.mean(dim=1)).sum(dim=-1))  # (G,)
+            if config.router_importance_loss_coef:
+                mass = probs.sum(dim=1)  # (G, E)
+                importance.append(mass.var(dim=-1, unbiased=False) / (mass.mean(dim=-1) ** 2 + 1e-9))
+            if config.router_load_loss_coef and self.noisy_logits is not None:
+                load.append(vmoe_load_loss(logits, noisy, top_k, config.router_noise_std))
+        loss = super().aux_loss(config)
+        for coef, per_group in ((config.router_aux_loss_coef, switch), (config.router_importance_loss_coef, importance),
+                                (config.router_load_loss_coef, load)):
+            if per_group:
+                loss = loss + coef * torch.cat(per_group).mean()
         return loss
 
     def expert_counts(self, num_experts):
@@ -543,7 +549,8 @@ def host_top_k(scores: list[float], top_k: int, normalize: bool, probs: list[flo
 
 @dataclass
 class ExpertChoiceRouting(VMoERouting):
-    """Expert-choice routing: each expert took its top-C tokens of each routing group.
+    """Expert-choice routing: each expert took its top-C tokens of each routing group. Balanced by construction: its
+    auxiliary loss is the z-loss alone.
 
     logits: (N, E) for the N = B * S tokens; token_index: (R,) the token of each row, R = E * groups * C, expert-major
     (the rows of expert 0, then of expert 1, ...); expert_index / weights: (R, 1) the row's expert and combine weight
@@ -566,9 +573,6 @@ class ExpertChoiceRouting(VMoERouting):
         else:
             out = experts(rows, self.expert_index, self.weights)
         return torch.zeros_like(tokens).index_add(0, self.token_index, out).view(hidden_states.shape)
-
-    def aux_loss(self, config):
-        return z_loss(self.logits, config)  # balanced by construction: no balancing loss
 
     def expert_counts(self, num_experts):
         return torch.bincount(self.expert_index.view(-1), minlength=num_experts)
@@ -617,6 +621,9 @@ class SoftRouting(VMoERouting):
         out = out.view(num_slots_total, batch, hidden)
         return torch.einsum("bsn,nbh->bsh", combine, out).to(hidden_states.dtype)
 
+    def aux_loss(self, config):
+        return self.logits.new_zeros(())  # vmoe's Soft MoE has no auxiliary loss
+
     def expert_counts(self, num_experts):
         batch = self.logits.shape[0]
         return torch.full((num_experts,), batch * self.num_slots, dtype=torch.long, device=self.logits.device)
@@ -653,11 +660,11 @@ def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, re
     return -batch_size % (size // math.gcd(size, tokens_per_image))  # whole groups every size / gcd(size, t) images
 
 
-def group_parts(tensor: torch.Tensor, group_size: int | None, remainder: str = "error") -> list[torch.Tensor]:
-    """`(N, ...)` -> its routing groups: G full groups of `group_size` consecutive rows (batch order) as
-    `(G, n, ...)` and, when `remainder="partial"` leaves r > 0 rows, a last group `(1, r, ...)` with its own capacity.
-    None: one group of every row."""
-    num_items = tensor.shape[0]
+def routing_groups(group_size: int | None, remainder: str, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """`(N, ...)` tensors -> their routing groups, in parts: the G full groups of `group_size` consecutive rows (batch
+    order), each tensor as `(G, n, ...)`, and, when `remainder="partial"` leaves r > 0 rows, a last group `(1, r, ...)`
+    with its own capacity. None: one group of every row."""
+    num_items = tensors[0].shape[0]
     size = group_size or num_items
     full, rest = num_items // size, num_items % size  # not divmod: symbolic sizes under torch.export lack it
     if rest and remainder != "partial":
@@ -666,31 +673,44 @@ def group_parts(tensor: torch.Tensor, group_size: int | None, remainder: str = "
         raise ValueError(
             f"router_group_size={size} must divide the number of routed tokens of the batch, got {num_items}{hint}"
         )
-    parts = [tensor[: full * size].view(full, size, *tensor.shape[1:])] if full else []
+    bounds = [(0, full, size)] if full else []  # (first row, groups, rows per group) of each part
     if rest:
-        parts.append(tensor[full * size:].view(1, rest, *tensor.shape[1:]))
+        bounds.append((full * size, 1, rest))
+    parts = []
+    for start, groups, length in bounds:
+        part = []
+        for tensor in tensors:
+            part.append(tensor[start: start + groups * length].view(groups, length, *tensor.shape[1:]))
+        parts.append(tuple(part))
     return parts
 
 
-def capacity_keep_mask(
-    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, capacity: int, batch_priority: bool
-) -> torch.Tensor:
-    """Which (item, slot) assignments fit in expert buffers of size `capacity`, per routing group (V-MoE).
-
-    top_k_index / top_k_weights: (G, n, k). All first choices of a group are served before any second choice;
-    within a slot, items are served in order or, with batch-priority routing, by decreasing top-1 router weight.
-    Returns a (G, n, k) bool mask."""
-    groups, num_items, top_k = top_k_index.shape
-    if batch_priority:
-        order = torch.argsort(top_k_weights[..., 0], dim=1, descending=True, stable=True)  # (G, n)
-    else:
-        order = torch.arange(num_items, device=top_k_index.device).expand(groups, num_items)
-    order = order.unsqueeze(-1).expand(-1, -1, top_k)  # (G, n, k)
-    ordered = top_k_index.gather(1, order).transpose(1, 2).reshape(groups, -1)  # (G, k * n), slot-major
-    one_hot = F.one_hot(ordered, num_experts)  # (G, k * n, E)
-    position = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1) - 1  # position of each assignment in its buffer
-    keep_ordered = (position < capacity).view(groups, top_k, num_items).transpose(1, 2)  # (G, n, k)
-    return torch.empty_like(keep_ordered).scatter_(1, order, keep_ordered)
+def capacity_keep_mask(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, factor: float, config: VMoEConfig
+                       ) -> torch.Tensor | None:
+    """Which (item, slot) assignments fit in their expert's buffer in their routing group, the buffers holding
+    `expert_capacity` rows (capacity `factor`), as V-MoE dispatches: top_k_index / top_k_weights (N, k) -> (N, k)
+    bool, None when nothing is dropped. All first choices of a group are served before any second choice; within a
+    slot, items are served in order or, with batch-priority routing, by decreasing top-1 router weight."""
+    keeps, dropped = [], False
+    for index, weights in routing_groups(config.router_group_size, config.router_group_remainder, top_k_index,
+                                         top_k_weights):  # (G, n, k) each
+        groups, num_items, top_k = index.shape
+        capacity = expert_capacity(num_items * top_k, factor, config.num_experts, config.capacity_multiple_of)
+        if capacity >= num_items:  # every expert can take every item of its group: nothing dropped
+            keeps.append(torch.ones(groups * num_items, top_k, dtype=torch.bool, device=index.device))
+            continue
+        if config.batch_priority_routing:
+            order = torch.argsort(weights[..., 0], dim=1, descending=True, stable=True)  # (G, n)
+        else:
+            order = torch.arange(num_items, device=index.device).expand(groups, num_items)
+        order = order.unsqueeze(-1).expand(-1, -1, top_k)  # (G, n, k)
+        ordered = index.gather(1, order).transpose(1, 2).reshape(groups, -1)  # (G, k * n), slot-major
+        one_hot = F.one_hot(ordered, config.num_experts)  # (G, k * n, E)
+        position = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1) - 1  # position of each assignment in its buffer
+        keep_ordered = (position < capacity).view(groups, top_k, num_items).transpose(1, 2)  # (G, n, k)
+        keeps.append(torch.empty_like(keep_ordered).scatter_(1, order, keep_ordered).reshape(-1, top_k))
+        dropped = True
+    return (keeps[0] if len(keeps) == 1 else torch.cat(keeps)) if dropped else None
 
 
 class VMoERouter(nn.Module):
@@ -785,7 +805,7 @@ class VMoETopKRouter(VMoERouter):
         if self.config.normalize_router_weights:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-        keep = None if factor is None else self.capacity_mask(top_k_index, top_k_weights, factor)
+        keep = None if factor is None else capacity_keep_mask(top_k_index, top_k_weights, factor, self.config)
         if keep is not None:
             top_k_weights = top_k_weights * keep
         return logits, TopKRouting(logits, top_k_index, top_k_weights, keep, seq_len,
@@ -854,29 +874,6 @@ class VMoETopKRouter(VMoERouter):
             forced = torch.cat([forced, others], dim=1)
         return forced
 
-    def capacity_mask(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, factor: float
-                      ) -> torch.Tensor | None:
-        """(N, k) bool, False where an assignment does not fit its expert's buffer of its routing group (capacity
-        `factor`); None when nothing is dropped."""
-        groups = (self.config.router_group_size, self.config.router_group_remainder)
-        keeps, any_drop = [], False
-        for index, weights in zip(group_parts(top_k_index, *groups), group_parts(top_k_weights, *groups)):
-            count, size, _ = index.shape  # (g, n, k): g groups of n items (a last partial group: its own capacity)
-            capacity = expert_capacity(size * self.top_k, factor, self.num_experts, self.config.capacity_multiple_of)
-            if capacity >= size:  # every expert can take every item of its group: nothing can be dropped
-                keeps.append(None)
-                continue
-            keep = capacity_keep_mask(index, weights, self.num_experts, capacity, self.config.batch_priority_routing)
-            keeps.append(keep.reshape(count * size, -1))
-            any_drop = True
-        if not any_drop:
-            return None
-        if len(keeps) == 1:
-            return keeps[0]
-        return torch.cat([k if k is not None else top_k_index.new_ones(p.shape[0] * p.shape[1], self.top_k,
-                                                                      dtype=torch.bool)
-                          for k, p in zip(keeps, group_parts(top_k_index, *groups))])
-
 
 class VMoEExpertChoiceRouter(VMoERouter):
     """Expert-choice routing (Zhou et al. 2022; vmoe's `NoisyTopItemsPerExpertRouter`): each expert takes the C
@@ -913,7 +910,7 @@ class VMoEExpertChoiceRouter(VMoERouter):
         if group_size is None and not self.training:
             group_size = hidden_states.shape[1]  # each image alone
         token_parts, weight_parts, start = [], [], 0
-        for part in group_parts(gates, group_size, self.config.router_group_remainder):  # (g, n, E)
+        for part, in routing_groups(group_size, self.config.router_group_remainder, gates):  # (g, n, E)
             groups, group_size, _ = part.shape
             capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
             top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
@@ -1047,13 +1044,6 @@ def _record_router_loads(encoder: nn.Module, expert_counts: torch.Tensor) -> Non
             router.record_load(counts)
 
 
-def z_loss(logits: torch.Tensor, config: VMoEConfig) -> torch.Tensor:
-    """ST-MoE's router z-loss, mean squared logsumexp of the logits, weighted by `router_z_loss_coef`."""
-    if not config.router_z_loss_coef:
-        return logits.new_zeros(())
-    return config.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-
-
 def vmoe_load_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
     """V-MoE's load loss per routing group: logits / noisy_logits (G, n, E) -> (G,).
 
@@ -1074,11 +1064,10 @@ def vmoe_routing_loss(
     super-class cross-entropy of image routers given super-class labels.
 
     Returns the `ROUTING_FIELDS` of the model outputs except `router_logits`."""
-    num_experts = config.num_experts
-    total = []
-    ce, acc = [], []
+    total, counts, ce, acc = [], [], [], []
     for plan in routings:
         total.append(plan.aux_loss(config))
+        counts.append(plan.expert_counts(config.num_experts))
         if superclass_labels is not None and plan.seq_len is not None:
             ce.append(F.cross_entropy(plan.logits, superclass_labels))
             acc.append((plan.logits.argmax(-1) == superclass_labels).float().mean())
@@ -1090,7 +1079,7 @@ def vmoe_routing_loss(
         stats["superclass_accuracy"] = torch.stack(acc).mean()
         aux_loss = aux_loss + config.superclass_loss_coef * stats["superclass_loss"]
     stats["aux_loss"] = aux_loss
-    stats["expert_counts"] = torch.stack([plan.expert_counts(num_experts) for plan in routings])
+    stats["expert_counts"] = torch.stack(counts)
     return stats
 
 
