@@ -269,10 +269,11 @@ class SegmentationTransform:
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
-    """A map-style dataset (e.g. a `datasets.Dataset`) seen through a random training transform whose draws come
-    from a generator seeded by (seed, epoch, index): an image gets the same augmentation in an epoch however the run
-    is cut (resumed from a checkpoint, mid-epoch too; data-loader workers), and a new one each epoch. One generator
-    shared by the transform would restart from the seed on a resume, and be copied into every worker.
+    """A `datasets.Dataset` (or any dataset that a list of indices indexes into a dict of columns) seen through a
+    random training transform whose draws come from a generator seeded by (seed, epoch, index): an image gets the
+    same augmentation in an epoch however the run is cut (resumed from a checkpoint, mid-epoch too; data-loader
+    workers), and a new one each epoch. One generator shared by the transform would restart from the seed on a
+    resume, and be copied into every worker.
 
     `transform(batch, rngs) -> dict of columns`: `batch` the rows' columns (a dict of lists), `rngs` one
     `numpy.random.Generator` per row. The Trainer sets the epoch through `callbacks.AugmentationEpochCallback`."""
