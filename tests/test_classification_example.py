@@ -148,12 +148,14 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(imagefolder, tmp_pat
     checkpoint crops and flips as the uninterrupted run did, so it ends with the same weights, bit for bit."""
     script = load_script()
 
-    def run(out, *extra):  # 20 images, batch 8: 3 steps per epoch; a checkpoint at step 4 (epoch 2, step 2)
+    def run(out, *extra):  # 24 images, batch 8: 3 steps per epoch; a checkpoint after step 4 (epoch 2's first)
         return script.main(common_args(imagefolder, out) + ["--preset", "vimoe-3x64", "--max_steps", "7",
                                                             "--save_strategy", "steps", "--save_steps", "4", *extra])
 
     whole = run(tmp_path / "whole").model
-    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-4")).model
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-4"))
+    assert not (tmp_path / "resumed" / "checkpoint-4").exists()  # it did resume: steps 5-7 only
+    resumed = resumed.model
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from conftest import load_example
 from datasets import Dataset
-from transformers import TrainingArguments
 
 from hf_vmoe import VMoEConfig
 from hf_vmoe.integrations.callbacks import AugmentationEpochCallback
@@ -73,9 +72,16 @@ def test_augmentations_depend_on_seed_epoch_and_image_only():
     assert data[2]["x"] == first[2]["x"]
     assert AugmentedDataset(data.dataset, jitter, seed=8)[2]["x"] != first[2]["x"]
 
-    callback = AugmentationEpochCallback(data)
-    callback.on_epoch_begin(None, type("State", (), {"epoch": 4.5})(), None)  # resumed mid-epoch 4
+    AugmentationEpochCallback(data).on_epoch_begin(None, type("State", (), {"epoch": 4.5})(), None)  # resumed
     assert data.epoch == 4
-    args = TrainingArguments("unused", dataloader_num_workers=2, dataloader_persistent_workers=True, use_cpu=True)
-    with pytest.raises(ValueError, match="dataloader_persistent_workers=True"):
-        callback.on_train_begin(args, None, None)
+
+    # a persistent worker, started in epoch 0, draws epoch 1's augmentations in epoch 1
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, persistent_workers=True, collate_fn=list)
+    expected = []
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        expected.append([data[i]["x"] for i in range(4)])
+        assert [row["x"] for batch in loader for row in batch] == expected[-1]
+    assert expected[0] == [row["x"] for row in first] and expected[1] != expected[0]
+    with pytest.raises(ValueError, match="zip"):  # a transform that loses rows is an error, not a shorter batch
+        AugmentedDataset(data.dataset, lambda batch, rngs: {"x": batch["x"][:1], "y": batch["y"]}, seed=0).__getitems__([0, 1])

@@ -270,16 +270,10 @@ class RouterBiasUpdateCallback(TrainerCallback):
 
 class AugmentationEpochCallback(TrainerCallback):
     """Tells an `integrations.data.AugmentedDataset` the epoch at the start of each training epoch, the epoch a
-    resumed run starts in too, before the Trainer's data loader starts its workers (with
-    `dataloader_persistent_workers` the workers would keep the first epoch's copy: refused)."""
+    resumed run starts in too, before the Trainer's data loader hands its workers the epoch's indices."""
 
     def __init__(self, dataset):
         self.dataset = dataset
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
-            raise ValueError("dataloader_persistent_workers=True keeps the workers' copy of the augmentation epoch; "
-                             "AugmentationEpochCallback needs workers started each epoch (set it to False)")
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int(state.epoch or 0))  # a resumed run's state.epoch is e.g. 4.5: epoch 4

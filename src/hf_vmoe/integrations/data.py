@@ -234,7 +234,7 @@ class SegmentationTransform:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
     def __call__(self, image: Image.Image, label: Image.Image | np.ndarray, rng: np.random.Generator | None = None):
-        rng = rng if rng is not None else np.random.default_rng()
+        """`rng`: the training draws' generator; None: one seeded from numpy's global state (`set_seed`)."""
         image = image.convert("RGB")
         label = np.array(label)
         if label.ndim == 3:
@@ -244,6 +244,7 @@ class SegmentationTransform:
         label = Image.fromarray(label.astype(np.uint8))
         height, width = map(int, to_pair(self.size))
         if self.train:
+            rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
             scale = rng.uniform(*self.scale_range)
             # resize so the image covers `scale` x the crop size along its shorter side (aspect ratio kept)
             factor = scale * max(height / image.height, width / image.width)
@@ -276,21 +277,32 @@ class AugmentedDataset(torch.utils.data.Dataset):
     resume, and be copied into every worker.
 
     `transform(batch, rngs) -> dict of columns`: `batch` the rows' columns (a dict of lists), `rngs` one
-    `numpy.random.Generator` per row. The Trainer sets the epoch through `callbacks.AugmentationEpochCallback`."""
+    `numpy.random.Generator` per row.
+
+    Give the Trainer `callbacks.AugmentationEpochCallback(dataset)` too: it sets the epoch at each epoch's start.
+    Without it only a single-process run that is not resumed sees the epoch (accelerate's `set_epoch` reaches the
+    dataset there, not beside a distributed or a skipping sampler). The epoch lives in shared memory, so data-loader
+    workers, persistent ones too, read the current one."""
 
     def __init__(self, dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        rngs = [np.random.default_rng([self.seed, self.epoch, int(index)]) for index in indices]
+        epoch = self.epoch
+        rngs = [np.random.default_rng([self.seed, epoch, int(index)]) for index in indices]
         columns = self.transform(self.dataset[list(indices)], rngs)
-        return [dict(zip(columns, row)) for row in zip(*columns.values())]  # one example per row
+        return [dict(zip(columns, row)) for row in zip(*columns.values(), strict=True)]  # one example per row
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
