@@ -910,7 +910,7 @@ class VMoEExpertChoiceRouter(VMoERouter):
         if group_size is None and not self.training:
             group_size = hidden_states.shape[1]  # each image alone
         token_parts, weight_parts, start = [], [], 0
-        for part, in routing_groups(group_size, self.config.router_group_remainder, gates):  # (g, n, E)
+        for (part,) in routing_groups(group_size, self.config.router_group_remainder, gates):  # (g, n, E)
             groups, group_size, _ = part.shape
             capacity = min(group_size, expert_capacity(group_size, factor, num_experts, self.config.capacity_multiple_of))
             top_gates, top_items = part.transpose(1, 2).topk(capacity, dim=-1)  # (g, E, C)
