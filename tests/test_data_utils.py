@@ -56,10 +56,11 @@ def test_size_dict():
     assert size_dict([64, 48]) == {"height": 64, "width": 48}
 
 
-def test_augmentations_depend_on_seed_epoch_and_image_only():
-    def jitter(batch, rngs):  # each row: its value plus one draw of its generator
-        return {"x": [torch.tensor(x + rng.random()) for x, rng in zip(batch["x"], rngs)], "y": batch["y"]}
+def jitter(batch, rngs):  # each row: its value plus one draw of its generator (module level: spawned workers)
+    return {"x": [torch.tensor(x + rng.random()) for x, rng in zip(batch["x"], rngs)], "y": batch["y"]}
 
+
+def test_augmentations_depend_on_seed_epoch_and_image_only():
     data = AugmentedDataset(Dataset.from_dict({"x": [0.0, 10.0, 20.0, 30.0], "y": [0, 1, 2, 3]}), jitter, seed=7)
     first = data.__getitems__([0, 1, 2, 3])
     assert [row["y"] for row in first] == [0, 1, 2, 3] and len(data) == 4
@@ -76,7 +77,9 @@ def test_augmentations_depend_on_seed_epoch_and_image_only():
     assert data.epoch == 4
 
     # a persistent worker, started in epoch 0, draws epoch 1's augmentations in epoch 1
-    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, persistent_workers=True, collate_fn=list)
+    # spawned, not forked: a fork beside JAX's threads (the parity tests) can deadlock
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, persistent_workers=True, collate_fn=list,
+                                         multiprocessing_context="spawn")
     expected = []
     for epoch in (0, 1):
         data.set_epoch(epoch)
