@@ -258,34 +258,46 @@ def _position_embeddings(dense_base: nn.Module, config: VMoEConfig, drop_distill
     return pos.clone()
 
 
-def _expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_init: str, scale: float,
-                    noise_std: float, generator: torch.Generator | None,
-                    drop_ratio: float = 0.0) -> dict[str, torch.Tensor]:
-    """Stacked (E, out, in) expert weights from a dense fc1/fc2 pair."""
-    num_experts = config.num_experts
+def _moe_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, expert_init: str, noise_std: float,
+                 generator: torch.Generator | None, drop_ratio: float = 0.0) -> tuple[dict, dict]:
+    """One MoE block's weights from a dense fc1/fc2 pair: (stacked (E, out, in) routed expert tensors, shared expert
+    tensors; {} without a shared expert). With `"copy"` / `"split"` and a shared expert, routed and shared outputs are
+    both halved, so that shared + routed = dense; `"split_shared"` splits the MLP in two halves instead."""
+    num_experts, num_shared = config.num_experts, config.num_shared_experts
     w1, b1 = fc1.weight.detach(), fc1.bias.detach()
     w2, b2 = fc2.weight.detach(), fc2.bias.detach()
     if expert_init == "split_shared":
-        experts = split_shared_tensors(w1, b1, w2, b2, num_experts)[0]
-        up, up_bias = experts["up_proj"], experts["up_proj_bias"]
-        down, down_bias = experts["down_proj"], experts["down_proj_bias"]
-    elif expert_init == "copy":
-        up = w1.unsqueeze(0).repeat(num_experts, 1, 1)
-        up_bias = b1.unsqueeze(0).repeat(num_experts, 1)
-        down = w2.unsqueeze(0).repeat(num_experts, 1, 1) * scale
+        tensors, shared = split_shared_tensors(w1, b1, w2, b2, num_experts)
+    else:
+        scale = 0.5 if num_shared else 1.0
+        if expert_init == "copy":
+            up = w1.unsqueeze(0).repeat(num_experts, 1, 1)
+            up_bias = b1.unsqueeze(0).repeat(num_experts, 1)
+            down = w2.unsqueeze(0).repeat(num_experts, 1, 1) * scale
+        else:  # split the hidden units: expert e gets units [e * I/E, (e + 1) * I/E)
+            width = config.moe_intermediate_size
+            up = w1.reshape(num_experts, width, -1).clone()
+            up_bias = b1.reshape(num_experts, width).clone()
+            down = w2.reshape(w2.shape[0], num_experts, width).permute(1, 0, 2) * (num_experts * scale)
         down_bias = b2.unsqueeze(0).repeat(num_experts, 1) * scale
-    else:  # split the hidden units: expert e gets units [e * I/E, (e + 1) * I/E)
-        width = config.moe_intermediate_size
-        up = w1.reshape(num_experts, width, -1).clone()
-        up_bias = b1.reshape(num_experts, width).clone()
-        down = w2.reshape(w2.shape[0], num_experts, width).permute(1, 0, 2) * (num_experts * scale)
-        down_bias = b2.unsqueeze(0).repeat(num_experts, 1) * scale
-    tensors = {"up_proj": up, "up_proj_bias": up_bias, "down_proj": down, "down_proj_bias": down_bias}
+        tensors = {"up_proj": up, "up_proj_bias": up_bias, "down_proj": down, "down_proj_bias": down_bias}
+        shared = {}
+        if num_shared:  # width num_shared * shared_expert_intermediate_size: the dense MLP tiled num_shared times,
+            # each copy's output divided by that count
+            shared = {"fc1.weight": w1.repeat(num_shared, 1), "fc1.bias": b1.repeat(num_shared),
+                      "fc2.weight": w2.repeat(1, num_shared) * (scale / num_shared), "fc2.bias": b2 * scale}
     if noise_std > 0:
         for name in ("up_proj", "down_proj"):
             tensors[name] = _perturb(tensors[name], noise_std, generator)
     tensors = drop_upcycle_experts(tensors, drop_ratio, generator)
-    return {k: v.contiguous() for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in tensors.items()}, shared
+
+
+def _half_width(width: int) -> int:
+    if width % 2:
+        raise ValueError(f"expert_init='split_shared' splits the dense MLP in two halves: its width must be even, "
+                         f"got {width}")
+    return width // 2
 
 
 def split_shared_tensors(fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
@@ -293,11 +305,7 @@ def split_shared_tensors(fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_w
     """`expert_init="split_shared"`: a dense MLP (fc1 (I, H), fc2 (H, I)) split at I / 2 into the shared expert, the
     first half with the whole fc2 bias, and `num_experts` routed experts, each a copy of the second half with a
     zero output bias. Returns (stacked expert tensors as in `VMoEExperts`, shared expert tensors as in `VMoEMLP`)."""
-    width = fc1_weight.shape[0]
-    if width % 2:
-        raise ValueError(f"expert_init='split_shared' splits the dense MLP in two halves: its width must be even, "
-                         f"got {width}")
-    half = width // 2
+    half = _half_width(fc1_weight.shape[0])
     experts = {
         "up_proj": fc1_weight[half:].unsqueeze(0).repeat(num_experts, 1, 1),
         "up_proj_bias": fc1_bias[half:].unsqueeze(0).repeat(num_experts, 1),
@@ -363,20 +371,6 @@ def drop_upcycle_experts(experts: dict[str, torch.Tensor], drop_ratio: float,
     return {**experts, "up_proj": up, "up_proj_bias": up_bias, "down_proj": down}
 
 
-def _shared_expert_tensors(fc1: nn.Linear, fc2: nn.Linear, config: VMoEConfig, scale: float) -> dict[str, torch.Tensor]:
-    """The shared expert (width num_shared_experts * shared_expert_intermediate_size) from the dense MLP: the dense
-    MLP tiled `num_shared_experts` times, each copy's output divided by that count, all times `scale`."""
-    n = config.num_shared_experts
-    w1, b1 = fc1.weight.detach(), fc1.bias.detach()
-    w2, b2 = fc2.weight.detach(), fc2.bias.detach()
-    return {
-        "fc1.weight": w1.repeat(n, 1),
-        "fc1.bias": b1.repeat(n),
-        "fc2.weight": w2.repeat(1, n) * (scale / n),
-        "fc2.bias": b2 * scale,
-    }
-
-
 def upcycled_state_dict(
     dense: nn.Module,
     config: VMoEConfig,
@@ -404,11 +398,9 @@ def upcycled_state_dict(
     layers = _layers(base)
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"dense model has {len(layers)} blocks but the config says {config.num_hidden_layers}")
-    shared = config.num_shared_experts > 0
     if expert_init == "split_shared" and config.num_shared_experts != 1:
         raise ValueError(f"expert_init='split_shared' puts half of each dense MLP in one shared expert: the config "
                          f"needs num_shared_experts=1, got {config.num_shared_experts}")
-    scale = 0.5 if shared and expert_init != "split_shared" else 1.0  # split_shared: the halves add up to the MLP
     for i, layer in enumerate(layers):
         prefix = f"encoder.layer.{i}."
         modules = _block_modules(layer)
@@ -425,17 +417,11 @@ def upcycled_state_dict(
                 state[f"{prefix}mlp.{name}.weight"] = module.weight.detach().clone()
                 state[f"{prefix}mlp.{name}.bias"] = module.bias.detach().clone()
             continue
-        for name, value in _expert_tensors(fc1, fc2, config, expert_init, scale, expert_noise_std, generator,
-                                           drop_ratio).items():
+        experts, shared = _moe_tensors(fc1, fc2, config, expert_init, expert_noise_std, generator, drop_ratio)
+        for name, value in experts.items():
             state[f"{prefix}mlp.experts.{name}"] = value
-        if expert_init == "split_shared":
-            shared_tensors = split_shared_tensors(fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(),
-                                                  fc2.bias.detach(), config.num_experts)[1]
-        elif shared:
-            shared_tensors = _shared_expert_tensors(fc1, fc2, config, scale)
-        if shared:
-            for name, value in shared_tensors.items():
-                state[f"{prefix}mlp.shared_expert.{name}"] = value
+        for name, value in shared.items():
+            state[f"{prefix}mlp.shared_expert.{name}"] = value
     return state
 
 
@@ -502,13 +488,10 @@ def upcycle(
     if expert_init == "copy":
         wanted = intermediate
     elif expert_init == "split_shared":
-        if intermediate % 2:
-            raise ValueError(f"expert_init='split_shared' splits the dense MLP in two halves: its width must be even, "
-                             f"got {intermediate}")
         if moe_kwargs.setdefault("num_shared_experts", 1) != 1:
             raise ValueError(f"expert_init='split_shared' makes one shared expert (half the dense MLP), got "
                              f"num_shared_experts={moe_kwargs['num_shared_experts']}")
-        wanted = shared_width = intermediate // 2
+        wanted = shared_width = _half_width(intermediate)
     else:
         if intermediate % num_experts:
             raise ValueError(
