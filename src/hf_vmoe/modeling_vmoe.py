@@ -470,18 +470,17 @@ class TopKRouting(VMoERouting):
         noise, V-MoE load (`vmoe_load_loss`)."""
         num_experts, top_k = config.num_experts, self.top_k_index.shape[1]
         size = None if self.seq_len else config.router_group_size  # image routing: one group of the batch
-        assignments = F.one_hot(self.top_k_index, num_experts).float().sum(dim=1)  # (N, E)
-        noisy_logits = self.logits if self.noisy_logits is None else self.noisy_logits
         switch, importance, load = [], [], []
-        for logits, noisy, assigned in routing_groups(size, config.router_group_remainder, self.logits, noisy_logits,
-                                                      assignments):  # (G, n, E) each
+        for logits, noisy, index in routing_groups(size, config.router_group_remainder, self.logits,
+                                                   self.noisy_logits, self.top_k_index):  # (G, n, E), (G, n, k)
             probs = logits.softmax(dim=-1)
             if config.router_aux_loss_coef:
+                assigned = F.one_hot(index, num_experts).float().sum(dim=2)  # (G, n, E)
                 switch.append(num_experts * (assigned.mean(dim=1) / top_k * probs.mean(dim=1)).sum(dim=-1))  # (G,)
             if config.router_importance_loss_coef:
                 mass = probs.sum(dim=1)  # (G, E)
                 importance.append(mass.var(dim=-1, unbiased=False) / (mass.mean(dim=-1) ** 2 + 1e-9))
-            if config.router_load_loss_coef and self.noisy_logits is not None:
+            if config.router_load_loss_coef and noisy is not None:
                 load.append(vmoe_load_loss(logits, noisy, top_k, config.router_noise_std))
         loss = super().aux_loss(config)
         for coef, per_group in ((config.router_aux_loss_coef, switch), (config.router_importance_loss_coef, importance),
@@ -663,7 +662,7 @@ def group_padding(config: VMoEConfig, batch_size: int, tokens_per_image: int, re
 def routing_groups(group_size: int | None, remainder: str, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """`(N, ...)` tensors -> their routing groups, in parts: the G full groups of `group_size` consecutive rows (batch
     order), each tensor as `(G, n, ...)`, and, when `remainder="partial"` leaves r > 0 rows, a last group `(1, r, ...)`
-    with its own capacity. None: one group of every row."""
+    with its own capacity (a None tensor stays None). None: one group of every row."""
     num_items = tensors[0].shape[0]
     size = group_size or num_items
     full, rest = num_items // size, num_items % size  # not divmod: symbolic sizes under torch.export lack it
@@ -680,7 +679,8 @@ def routing_groups(group_size: int | None, remainder: str, *tensors: torch.Tenso
     for start, groups, length in bounds:
         part = []
         for tensor in tensors:
-            part.append(tensor[start: start + groups * length].view(groups, length, *tensor.shape[1:]))
+            part.append(None if tensor is None else tensor[start: start + groups * length].view(
+                groups, length, *tensor.shape[1:]))
         parts.append(tuple(part))
     return parts
 
