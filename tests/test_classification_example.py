@@ -122,8 +122,6 @@ def test_three_stage_recipe(imagefolder, tmp_path):
 def test_vimoe_preset_split_from_the_dense_run_holds_the_dense_weights(imagefolder, tmp_path):
     """The B3 token arm's recipe in one command: --preset vimoe-3x64 --init_from_dense DIR --expert_init split_shared.
     The start holds the dense weights; it is the dense model once the combine weight is 1."""
-    import torch
-
     script = load_script()
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
     script.main(["--preset", "vit-3x64"] + common_args(imagefolder, dense_dir))

@@ -129,6 +129,9 @@ def test_committed_vimoe_card_states_the_recipe_and_the_evidence(tmp_path):
     assert f"## Recipe and evidence\n\n{recipe}\n" in committed
     assert "--expert_init split_shared" in recipe and "always-on shared expert" in committed
     assert "no trained checkpoint has been published yet" in committed
+    missing = ["card", "--preset", "vimoe-3x64", "--repo-id", "hf-vmoe/vimoe-3x64", "--recipe",
+               str(tmp_path / "no-recipe.md"), "--out", str(tmp_path / "card" / "README.md")]
+    assert cli_main(missing) == 2 and not (tmp_path / "card").exists()  # an error line, nothing written
 
 
 def test_publish_refuses_offline_in_process(tmp_path, monkeypatch):

@@ -145,9 +145,9 @@ def cmd_card(args) -> int:
     from .integrations.hub import build_model_card, preset_config
 
     config = preset_config(args.preset) if args.preset else VMoEConfig.from_pretrained(args.model)
+    recipe = Path(args.recipe).read_text().strip() if args.recipe else None  # a missing file: nothing written
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    recipe = Path(args.recipe).read_text().strip() if args.recipe else None
     build_model_card(config, args.repo_id, trained_on=args.trained_on, recipe=recipe).save(out)
     print(f"wrote {out}")
     return 0
