@@ -1254,7 +1254,7 @@ def vmoe_cpu_experts_forward(self: VMoEExperts, hidden_states: torch.Tensor, top
       and `infer_one_image` runs them on its tokens as they are (worth 1-2% at batch 1);
     - token rows that give no expert more than `PADDED_MAX_ROWS` rows, padded by at most half, with more than one
       thread (token routing at batch 1-2): `infer_padded`, one batched matmul per projection split over the threads
-      (0.57x -> 0.68x the dense twin at batch 1 on 2 threads; on one thread the padding is only extra work)."""
+      (0.59x -> 0.67x the dense twin at batch 1 on 2 threads; on one thread the padding is only extra work)."""
     if not hasattr(self, "infer_one_image"):
         raise ValueError(f"experts_implementation='vmoe_cpu' is hf_vmoe's, for VMoEExperts; got {type(self).__name__}")
     eager = type(self).forward.__wrapped__
